@@ -1,0 +1,42 @@
+# The two set-up commands are `make quickstart` and `make test`; both create .venv if it is missing.
+PY       ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+# Everything Ray, MLflow and the tests write stays inside the workspace.
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export TMPDIR := $(CURDIR)/.tmp
+export RAY_TMPDIR := $(CURDIR)/.tmp
+
+.PHONY: install quickstart test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@mkdir -p .tmp
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is named in the same command, pinned, so pip takes the CPU wheel on disk (not a CUDA build).
+	$(BIN)/python -m pip install --quiet torch==2.13.0 -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+quickstart: install
+	@mkdir -p .tmp
+	$(BIN)/medrecon run pipelines/specs/quickstart.yaml
+
+test: install
+	@mkdir -p .tmp
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	@mkdir -p .tmp benchmarks/results
+	$(BIN)/python benchmarks/operators.py
+	$(BIN)/python benchmarks/simulate.py
+
+lint: install
+	$(BIN)/ruff check operators models pipelines tests benchmarks
+
+clean:
+	rm -rf .tmp runs mlruns benchmarks/results
