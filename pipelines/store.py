@@ -244,9 +244,14 @@ class Archive:
     def uncommit(self, stage: str, scan_id: str) -> None:
         self._clear(self._path("_meta", "commits", stage, f"{validate_scan_id(scan_id)}.json"))
 
-    def commit_stage(self, stage: str, fingerprint: str, outputs: dict[str, Any] | None = None) -> None:
-        """Mark a whole stage complete, with what later stages need (e.g. a model URI)."""
-        self._write_json(self._path("_meta", "stages", f"{stage}.json"), {"fingerprint": fingerprint, "time": time.time(), "outputs": outputs or {}})
+    def commit_stage(self, stage: str, fingerprint: str, outputs: dict[str, Any] | None = None, *, complete: bool = True) -> None:
+        """Record a stage's run with what later stages need (e.g. a model URI).
+
+        ``complete`` is False when some scans failed: a re-run then redoes the stage,
+        which skips the committed scans and retries the failed ones.
+        """
+        payload = {"fingerprint": fingerprint, "time": time.time(), "complete": complete, "outputs": outputs or {}}
+        self._write_json(self._path("_meta", "stages", f"{stage}.json"), payload)
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         return self._read_json(self._path("_meta", "stages", f"{stage}.json"))

@@ -1,0 +1,50 @@
+"""What every stage receives (:class:`StageContext`) and returns (:class:`StageResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from pipelines.spec import PipelineSpec
+from pipelines.store import Archive
+from pipelines.tracking import MlflowTracker
+
+__all__ = ["StageContext", "StageResult"]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """The pipeline-wide objects a stage wires together.
+
+    Attributes:
+        spec: the whole validated pipeline spec.
+        archive: the Zarr archive.
+        tracker: the pipeline's MLflow run.
+        tracking_uri: the MLflow URI (workers open their own client from it).
+        console: where progress and tables go.
+        upstream: outputs recorded by the stages that ran (or were skipped) before this one.
+    """
+
+    spec: PipelineSpec
+    archive: Archive
+    tracker: MlflowTracker
+    tracking_uri: str
+    console: Console
+    upstream: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage did.
+
+    Attributes:
+        outputs: small JSON-able facts later stages need (a model URI, metric means).
+        done: scans processed now; skipped: scans already committed; failed: ``{scan_id: error}``.
+    """
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    done: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)

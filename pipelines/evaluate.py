@@ -1,0 +1,111 @@
+"""Evaluation stage: metrics per scan and method, means to MLflow, a table, and a figure.
+
+Per scan (one Ray task each) it scores every ``recon/<method>`` against ``image``
+with PSNR, SSIM and NMSE (``operators.metrics``); the scores live in the scan's
+commit marker, so a re-run reads them instead of recomputing. The driver then logs
+``<method>/<metric>`` means to the pipeline's MLflow run, a per-scan Parquet table,
+and a PNG figure (reference, each reconstruction, and error maps for one slice).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from operators.metrics import nmse, psnr, ssim
+from pipelines.context import StageContext, StageResult
+from pipelines.fanout import fan_out, summarise
+from pipelines.spec import EvaluateStage
+from pipelines.store import Archive
+
+__all__ = ["score_scan", "aggregate", "comparison_figure", "run_evaluate"]
+
+_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
+
+
+def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: list[str]) -> dict[str, Any]:
+    """``{"scores": {method: {metric: value}}}`` for one scan."""
+    ref = archive.read_array(scan_id, "image")
+    rng = float(ref.max() - ref.min())
+    scores: dict[str, dict[str, float]] = {}
+    for method in methods:
+        recon = archive.read_array(scan_id, f"recon/{method}")
+        scores[method] = {
+            m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng)) for m in metrics
+        }
+    return {"scores": scores}
+
+
+def aggregate(per_scan: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean of each metric per method over scans: ``{method: {metric: mean}}``."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for scores in per_scan.values():
+        for method, values in scores.items():
+            for metric, v in values.items():
+                out.setdefault(method, {}).setdefault(metric, []).append(v)
+    return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in out.items()}
+
+
+def comparison_figure(archive: Archive, scan_id: str, methods: list[str], slice_index: int | None = None) -> Any:
+    """A matplotlib figure: reference and each method on top, |error| maps below, for one slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref_vol = archive.read_array(scan_id, "image")
+    d = ref_vol.shape[0] // 2 if slice_index is None else min(max(slice_index, 0), ref_vol.shape[0] - 1)
+    ref = ref_vol[d]
+    vmax = float(ref.max())
+    n = len(methods) + 1
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+    axes[0, 0].imshow(ref, cmap="gray", vmin=0, vmax=vmax)
+    axes[0, 0].set_title(f"reference\n{scan_id} slice {d}")
+    axes[1, 0].axis("off")
+    err_max = 0.25 * vmax
+    for i, method in enumerate(methods, start=1):
+        rec = archive.read_array(scan_id, f"recon/{method}")[d]
+        axes[0, i].imshow(rec, cmap="gray", vmin=0, vmax=vmax)
+        axes[0, i].set_title(f"{method}\nPSNR {psnr(rec, ref, data_range=vmax - float(ref.min())):.2f} dB")
+        im = axes[1, i].imshow(np.abs(rec - ref), cmap="inferno", vmin=0, vmax=err_max)
+        axes[1, i].set_title(f"|{method} − reference|")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[1, 1:].tolist(), shrink=0.8, label="absolute error")
+    return fig
+
+
+def run_evaluate(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recon = ctx.upstream.get("recon", {})
+    methods: list[str] = recon.get("methods", [])
+    ids = [s for s in recon.get("scans", []) if s not in ctx.archive.quarantined("recon")]
+    outcomes = fan_out(
+        ctx.archive, "evaluate", ids, fingerprint, score_scan, [],
+        {"methods": methods, "metrics": stage.metrics}, num_cpus=1.0, console=ctx.console, description="evaluate",
+    )
+    per_scan = {o.scan_id: (o.info or {})["scores"] for o in outcomes if o.status != "failed"}
+    means = aggregate(per_scan)
+    ctx.tracker.log_metrics({f"{m}/{k}": v for m, d in means.items() for k, v in d.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [
+            {"scan_id": sid, "method": m, **values} for sid, scores in per_scan.items() for m, values in scores.items()
+        ]
+        if rows:
+            table_path = Path(tmp) / "per_scan_metrics.parquet"
+            pq.write_table(pa.Table.from_pylist(rows), table_path)
+            ctx.tracker.log_artifact(table_path, "evaluation")
+    if per_scan:
+        import matplotlib.pyplot as plt
+
+        first = sorted(per_scan)[0]
+        fig = comparison_figure(ctx.archive, first, methods, stage.figure_slice)
+        ctx.tracker.log_figure(fig, f"evaluation/{first}_comparison.png")
+        plt.close(fig)
+    return summarise(outcomes, {"means": means, "n_scans": len(per_scan), "per_scan": per_scan})
