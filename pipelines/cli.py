@@ -33,7 +33,9 @@ SetOpt = Annotated[
         "(--set train.epochs=3) or a top-level field (--set seed=1). VALUE is parsed as YAML.",
     ),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors, and stream Ray worker logs.")
+]
 
 
 def _fail(exc: BaseException, debug: bool, code: int) -> None:
@@ -68,7 +70,7 @@ def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     from pipelines.runner import run_pipeline
 
     try:
-        result = run_pipeline(pipeline, console)
+        result = run_pipeline(pipeline, console, verbose=debug)
     except _known_errors() as exc:
         _fail(exc, debug, 1)
         return

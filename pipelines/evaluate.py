@@ -61,10 +61,15 @@ def comparison_figure(archive: Archive, scan_id: str, methods: list[str], slice_
     ref = ref_vol[d]
     vmax = float(ref.max())
     n = len(methods) + 1
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False, layout="constrained")
     axes[0, 0].imshow(ref, cmap="gray", vmin=0, vmax=vmax)
     axes[0, 0].set_title(f"reference\n{scan_id} slice {d}")
-    axes[1, 0].axis("off")
+    if archive.has_array(scan_id, "mask"):
+        mask = archive.read_array(scan_id, "mask")
+        axes[1, 0].imshow(np.broadcast_to(mask, ref.shape) if mask.ndim < 2 else mask, cmap="gray")
+        axes[1, 0].set_title(f"sampling mask ({100 * float(np.mean(mask)):.0f}% sampled)")
+    else:
+        axes[1, 0].axis("off")
     err_max = 0.25 * vmax
     for i, method in enumerate(methods, start=1):
         rec = archive.read_array(scan_id, f"recon/{method}")[d]
@@ -75,7 +80,7 @@ def comparison_figure(archive: Archive, scan_id: str, methods: list[str], slice_
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[1, 1:].tolist(), shrink=0.8, label="absolute error")
+    fig.colorbar(im, ax=axes[1, -1], shrink=0.9, label="absolute error")
     return fig
 
 

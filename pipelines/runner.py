@@ -77,12 +77,18 @@ class PipelineResult:
         return self.outputs.get("evaluate", {}).get("means", {})
 
 
-def ensure_ray(spec: PipelineSpec) -> bool:
+def ensure_ray(spec: PipelineSpec, verbose: bool = False) -> bool:
     """Connect to the spec's or ``$MEDRECON_RAY_ADDRESS``'s cluster, else start an embedded one.
 
-    Returns True when this call started Ray (the caller then shuts it down).
+    Worker logs stay in Ray's log files unless ``verbose`` (the CLI's ``--debug``) streams them
+    to the terminal. Returns True when this call started Ray (the caller then shuts it down).
     """
+    import logging
+
     import ray
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     if ray.is_initialized():
         return False
@@ -91,19 +97,20 @@ def ensure_ray(spec: PipelineSpec) -> bool:
     }
     address = spec.ray.address or Settings().ray_address
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=verbose)
     else:
         ray.init(
             address="local",
             num_cpus=spec.ray.num_cpus,
             include_dashboard=False,
             logging_level="WARNING",
+            log_to_driver=verbose,
             runtime_env={"env_vars": env},
         )
     return True
 
 
-def run_pipeline(spec: PipelineSpec, console: Console | None = None) -> PipelineResult:
+def run_pipeline(spec: PipelineSpec, console: Console | None = None, *, verbose: bool = False) -> PipelineResult:
     """Run every stage of ``spec`` (see the module docstring); raise on a failed stage."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -126,7 +133,7 @@ def run_pipeline(spec: PipelineSpec, console: Console | None = None) -> Pipeline
     tracker.log_params({"pipeline.seed": spec.seed, "pipeline.spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True)})
     console.print(f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, MLflow run {run_id} at {tracking_uri}")
 
-    started = ensure_ray(spec)
+    started = ensure_ray(spec, verbose)
     stage_fns = _stages()
     upstream: dict[str, dict[str, Any]] = {}
     reports: list[StageReport] = []

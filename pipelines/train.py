@@ -166,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if tracker is not None and step % 10 == 0:
                 tracker.log_metrics({"train/progress": (epoch * steps_per_epoch + step + 1) / total_steps})
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - t0}

@@ -1,0 +1,51 @@
+"""The command line: exit codes and one-line errors without tracebacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def medrecon(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_explains_the_commands():
+    out = medrecon("--help")
+    assert out.returncode == 0
+    for word in ("run", "validate", "show"):
+        assert word in out.stdout
+    run_help = medrecon("run", "--help").stdout
+    assert "--set" in run_help and "train.epochs=3" in run_help and "--debug" in run_help
+
+
+def test_bad_spec_exits_2_with_one_clear_message_and_no_traceback(tmp_path):
+    raw = yaml.safe_load((ROOT / "pipelines/specs/quickstart.yaml").read_text())
+    raw["stages"][2]["epochz"] = 1
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    out = medrecon("run", str(spec))
+    assert out.returncode == 2
+    assert "bad.yaml" in out.stderr and "stages[2] (train).epochz: unknown field 'epochz'" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = medrecon("run", str(tmp_path / "missing.yaml"), "--debug")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "pipeline file not found" in out.stderr
+
+
+def test_validate_prints_defaults_and_applies_overrides():
+    out = medrecon("validate", "pipelines/specs/quickstart.yaml", "--set", "train.epochs=9")
+    assert out.returncode == 0, out.stderr
+    assert "epochs: 9" in out.stdout and "valid" in out.stdout
+
+
+def test_show_on_missing_archive_is_a_clear_error(tmp_path):
+    out = medrecon("show", str(tmp_path / "nope"))
+    assert out.returncode == 1 and "not found" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,80 @@
+"""Stage functions without Ray: simulation, the Reconstructor on one in-memory batch, fan-out rules."""
+
+import numpy as np
+import pytest
+
+from models.registry import build_model, save_model
+from operators.errors import NonFiniteError
+from operators.phantoms import random_ellipsoids
+from pipelines.fanout import process_scan
+from pipelines.recon import Reconstructor
+from pipelines.simulate import simulate_mri_volume, simulate_scan
+from pipelines.spec import MaskSpec, SimulateStage
+from pipelines.store import Archive
+from pipelines.tracking import MlflowTracker, register_model, start_pipeline_run
+
+
+@pytest.fixture
+def archive(tmp_path):
+    a = Archive(str(tmp_path / "a"), create=True)
+    for i in range(3):
+        a.write_array(f"s{i}", "image", random_ellipsoids((4, 32, 32), seed=i).image)
+    return a
+
+
+STAGE = SimulateStage(kind="simulate", mask=MaskSpec(acceleration=4, center_fraction=0.08), snr_db=30)
+
+
+def test_simulation_is_seeded_and_undersamples():
+    img = random_ellipsoids((4, 32, 32), seed=0).image
+    k1, m1 = simulate_mri_volume(img, STAGE.mask, 30, 1, 2)
+    k2, m2 = simulate_mri_volume(img, STAGE.mask, 30, 1, 2)
+    k3, _ = simulate_mri_volume(img, STAGE.mask, 30, 1, 3)
+    assert k1.shape == (1, 4, 32, 32) and k1.dtype == np.complex64 and m1.shape == (32, 32)
+    assert np.array_equal(k1, k2) and np.array_equal(m1, m2) and not np.array_equal(k1, k3)
+    assert 0.15 < m1.mean() < 0.45
+    assert np.all(k1[0][:, ~m1] == 0), "unsampled k-space must stay zero"
+
+
+def test_non_finite_image_is_refused_with_a_count():
+    img = random_ellipsoids((4, 32, 32), seed=0).image
+    img[0, 0, :3] = np.nan
+    with pytest.raises(NonFiniteError, match="3 NaN/Inf values"):
+        simulate_mri_volume(img, STAGE.mask, 30, 1, 2)
+
+
+def test_failed_scan_is_quarantined_leaves_nothing_and_others_go_on(archive):
+    bad = archive.read_array("s1", "image")
+    bad[1, 2, 3] = np.inf
+    archive.write_array("s1", "image", bad)
+    outcomes = [process_scan(archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0})
+                for s in ("s0", "s1", "s2")]
+    assert [o.status for o in outcomes] == ["done", "failed", "done"]
+    assert "NonFiniteError" in outcomes[1].error and "1 NaN/Inf" in outcomes[1].error
+    assert not archive.has_array("s1", "kspace") and not archive.has_array("s1", "mask")
+    assert archive.quarantined("simulate") == {"s1": outcomes[1].error}
+    again = [process_scan(archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0})
+             for s in ("s0", "s2")]
+    assert [o.status for o in again] == ["skipped", "skipped"]
+
+
+def test_reconstructor_on_one_in_memory_batch(archive, tmp_path):
+    for s in ("s0", "s2"):
+        simulate_scan(archive, s, stage=STAGE, seed=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = start_pipeline_run(uri, "t", "t", "fp", {})
+    net = build_model("unrolled_gd", {"n_iter": 2, "features": 4})
+    save_model(net, "unrolled_gd", {"n_iter": 2, "features": 4}, tmp_path / "m")
+    MlflowTracker(uri, run_id).log_model_dir(tmp_path / "m")
+    model_uri = register_model(uri, "unit-model", run_id)
+    rec = Reconstructor(archive.uri, {}, ["zero_filled", "learned"], "fp-r", model_uri, uri)
+    out = rec({"scan_id": np.array(["s0", "s1", "s2"])})
+    assert list(out["status"]) == ["done", "failed", "done"], out["error"]
+    assert "kspace" in out["error"][1]
+    zf = archive.read_array("s0", "recon/zero_filled")
+    learned = archive.read_array("s0", "recon/learned")
+    assert zf.shape == (4, 32, 32) and zf.dtype == np.float32
+    # An untrained unrolled net is gradient descent from the zero-filled image on a projector: same image.
+    np.testing.assert_allclose(learned, zf, atol=1e-5)
+    assert archive.open_array("s0", "recon/learned").attrs["model_uri"] == model_uri
+    assert list(rec({"scan_id": np.array(["s0"])})["status"]) == ["skipped"]
