@@ -44,6 +44,7 @@ __all__ = [
     "PhantomStage",
     "MaskSpec",
     "SimulateStage",
+    "CTSpec",
     "ModelSpec",
     "TrainStage",
     "ReconStage",
@@ -149,14 +150,40 @@ class MaskSpec(Spec):
     center_fraction: float = Field(default=0.08, ge=0.0, lt=1.0)
 
 
+class CTSpec(Spec):
+    """CT acquisition: geometry, views and dose."""
+
+    geometry: Literal["parallel", "fan"] = "parallel"
+    views: int = Field(default=180, ge=1, description="number of projection angles (sparse view: fewer)")
+    arc_degrees: float | None = Field(default=None, gt=0, le=360, description="default 180 (parallel), 360 (fan)")
+    detectors: int | None = Field(default=None, ge=1, description="default: image width (parallel), 1.5x (fan)")
+    source_distance: float = Field(default=2.0, gt=0, description="fan beam: source to centre, in image widths")
+    detector_distance: float = Field(default=1.0, gt=0, description="fan beam: centre to detector, in image widths")
+    i0: float | None = Field(default=None, gt=0, description="photons per ray for low-dose noise; null: noiseless")
+
+
 class SimulateStage(Spec):
-    """Simulate measurements from each scan's image, one Ray task per scan."""
+    """Simulate measurements from each scan's image, one Ray task per scan, slab by slab."""
 
     kind: Literal["simulate"]
-    modality: Literal["mri"] = "mri"
+    modality: Literal["mri", "ct"] = "mri"
     mask: MaskSpec = Field(default_factory=MaskSpec)
-    snr_db: float | None = Field(default=40.0, description="k-space SNR in dB; null for no noise")
+    coils: int = Field(default=1, ge=1, description="MRI coils; > 1 simulates SENSE with birdcage maps")
+    snr_db: float | None = Field(default=40.0, description="MRI k-space SNR in dB; null for no noise")
+    ct: CTSpec | None = None
+    slab: int | None = Field(default=None, ge=1, description="slices per slab; bounds a task's memory")
     num_cpus: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _modality_fields(self) -> SimulateStage:
+        if self.modality == "mri" and self.ct is not None:
+            raise ValueError("'ct' settings given for modality 'mri'; remove them or set modality: ct")
+        return self
+
+    @property
+    def ct_spec(self) -> CTSpec:
+        """The CT settings, with defaults when the file gives none."""
+        return self.ct or CTSpec()
 
 
 class ModelSpec(Spec):
@@ -249,6 +276,12 @@ class PipelineSpec(Spec):
         positions = [_ORDER.index(k) for k in kinds]
         if positions != sorted(positions):
             raise ValueError(f"stages must run in the order {_ORDER}; found {kinds}")
+        sim = self.stage("simulate")
+        if sim is not None and (sim.modality != "mri" or sim.coils != 1) and "train" in kinds:
+            raise ValueError(
+                f"the train stage supports single-coil MRI; found simulate modality={sim.modality!r}, "
+                f"coils={sim.coils}. Remove the train stage or simulate single-coil MRI"
+            )
         recon = self.stage("recon")
         if recon is not None and LEARNED in recon.methods and recon.model_uri is None and "train" not in kinds:
             raise ValueError(

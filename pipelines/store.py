@@ -186,6 +186,45 @@ class Archive:
         )
         arr[...] = data
 
+    def create_array(
+        self,
+        scan_id: str,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: Any,
+        *,
+        slab: int,
+        slab_axis: int = 0,
+        attrs: dict[str, Any] | None = None,
+    ) -> zarr.Array:
+        """Create an empty ``scans/<scan_id>/<name>`` whose shards are slabs of ``slab`` slices.
+
+        A slab of slices along ``slab_axis`` is exactly one shard, so writing a slab never
+        touches another slab's shard: zarr re-encodes a whole shard on a partial write,
+        so slab-aligned shards keep a writer's memory at one slab, and let one task own
+        each shard. Chunks inside a shard are whole slices stacked to about 1 MB.
+        """
+        shape = tuple(int(s) for s in shape)
+        slab = max(1, min(int(slab), shape[slab_axis]))
+        itemsize = np.dtype(dtype).itemsize
+        plane = int(np.prod(shape)) // shape[slab_axis] * itemsize
+        depth = max(1, min(slab, (1 << 20) // max(plane, 1)))
+        while slab % depth:  # a chunk must divide its shard
+            depth -= 1
+        shards = tuple(slab if i == slab_axis else n for i, n in enumerate(shape))
+        chunks = tuple(depth if i == slab_axis else (1 if i < slab_axis else n) for i, n in enumerate(shape))
+        return zarr.create_array(
+            self._zarr_store(),
+            name=self._array_path(scan_id, name),
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=ZstdCodec(level=1),
+            overwrite=True,
+            attributes=dict(attrs or {}),
+        )
+
     def open_array(self, scan_id: str, name: str) -> zarr.Array:
         """The lazy Zarr array ``scans/<scan_id>/<name>``; a clear error if it is missing."""
         path = self._array_path(scan_id, name)
