@@ -16,26 +16,44 @@ from typing import Any
 import numpy as np
 import torch
 
-from operators.mri import CartesianMRI
+from operators.linear import LinearOperator
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import ScanOutcome, process_scan, progress_bar, summarise
+from pipelines.physics import operator_for_scan
 from pipelines.spec import LEARNED, ReconStage
 from pipelines.store import Archive
 from pipelines.train import reconstruct_slices
 
-__all__ = ["Reconstructor", "classical_volume", "run_recon"]
+__all__ = ["Reconstructor", "measurement_slab", "classical_slab", "run_recon"]
 
 
-def classical_volume(method: str, kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Magnitude ``(D, H, W)`` of a classical reconstruction of single-coil k-space ``(D, H, W)``."""
-    op = CartesianMRI(torch.from_numpy(mask.astype(np.float32)))
-    y = torch.from_numpy(kspace)
+def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int) -> torch.Tensor:
+    """Slices ``z0:z1`` of a scan's measurements in operator layout.
+
+    k-space ``(C, D, H, W)`` becomes ``(s, H, W)`` for one coil or ``(s, C, H, W)`` for SENSE;
+    a sinogram ``(D, views, detectors)`` becomes ``(s, views, detectors)``.
+    """
+    arr = archive.open_array(scan_id, name)
+    if name == "kspace":
+        y = torch.from_numpy(np.ascontiguousarray(arr[:, z0:z1]))  # (C, s, H, W)
+        return y[0] if y.shape[0] == 1 else y.transpose(0, 1).contiguous()  # (s, H, W) or (s, C, H, W)
+    return torch.from_numpy(np.ascontiguousarray(arr[z0:z1]))
+
+
+def classical_slab(method: str, y: torch.Tensor, op: LinearOperator) -> np.ndarray:
+    """Magnitude ``(s, H, W)`` of a classical reconstruction of a slab of measurements."""
     if method == "zero_filled":
-        return op.adjoint(y).abs().numpy().astype(np.float32)
-    from operators.recon import reconstruct
+        x = op.adjoint(y)
+    elif method == "fbp":
+        from operators.ct import fbp
 
-    return np.stack([reconstruct(method, y[d], op).image.abs().numpy() for d in range(y.shape[0])]).astype(np.float32)
+        x = fbp(y, op)  # type: ignore[arg-type]
+    else:
+        from operators.recon import reconstruct
+
+        x = reconstruct(method, y, op).image
+    return x.abs().numpy().astype(np.float32)
 
 
 class Reconstructor:
@@ -71,18 +89,22 @@ class Reconstructor:
             self.model, _ = load_model_uri(model_uri, tracking_uri)
 
     def reconstruct_scan(self, archive: Archive, scan_id: str) -> dict[str, Any]:
-        kspace = archive.read_array(scan_id, "kspace")[0]  # (D, H, W), single coil
-        mask = archive.read_array(scan_id, "mask")
+        op, name, acq = operator_for_scan(archive, scan_id)
+        depth = archive.open_array(scan_id, name).shape[1 if name == "kspace" else 0]
+        slab = int(acq.get("slab") or depth)
+        h, w = op.in_shape
         for method in self.methods:
-            if method == LEARNED:
-                assert self.model is not None
-                volume = reconstruct_slices(self.model, kspace, mask)
-            else:
-                volume = classical_volume(method, kspace, mask)
             attrs = {"method": method, "producer": "recon", "fingerprint": self.fingerprint}
             if method == LEARNED:
                 attrs["model_uri"] = self.model_uri
-            archive.write_array(scan_id, f"recon/{method}", volume, attrs)
+            out = archive.create_array(scan_id, f"recon/{method}", (depth, h, w), np.float32, slab=slab, attrs=attrs)
+            for z0 in range(0, depth, slab):
+                y = measurement_slab(archive, scan_id, name, z0, z0 + slab)
+                if method == LEARNED:
+                    assert self.model is not None
+                    out[z0 : z0 + y.shape[0]] = reconstruct_slices(self.model, y.numpy(), archive.read_array(scan_id, "mask"))
+                else:
+                    out[z0 : z0 + y.shape[0]] = classical_slab(method, y, op)
         return {"methods": self.methods}
 
     def process(self, scan_id: str) -> ScanOutcome:
@@ -107,7 +129,7 @@ def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageRe
     model_uri = stage.model_uri or ctx.upstream.get("train", {}).get("model_uri")
     if LEARNED in stage.methods and model_uri is None:
         raise StageError("recon: method 'learned' needs a model: the train stage recorded none and recon.model_uri is unset")
-    failed_sim = set(ctx.archive.quarantined("simulate"))
+    failed_sim = set(ctx.archive.quarantined("simulate"))  # nothing to reconstruct for those
     ids = [s for s in ctx.archive.scans(stage.split) if s not in failed_sim]
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # one rich bar on the terminal instead

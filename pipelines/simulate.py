@@ -1,12 +1,16 @@
-"""Simulation stage: measurements from each scan's image, one Ray task per scan.
+"""Simulation stage: measurements from each scan's image, one Ray task per scan, slab by slab.
 
-MRI: ``y = M ⊙ F x + n`` per 2D slice (``operators.mri.CartesianMRI``), with a
-seeded mask per scan (``operators.masks``) and complex Gaussian noise at a given SNR
-(``operators.noise``). Seeds come from the pipeline seed and the scan ID, so the same
-spec and seed always give the same k-space and masks.
+* MRI: ``y = M ⊙ F (S x) + n`` per 2D slice: single-coil (``CartesianMRI``) or SENSE with
+  simulated birdcage coil maps, a seeded mask per scan, and complex Gaussian noise at a
+  given SNR.
+* CT: ``p = A x`` with a parallel- or fan-beam projector over ``views`` angles,
+  optionally low-dose (Poisson counts at ``i0`` photons per ray, then ``-log``).
 
-Each task reads ``image`` from Zarr and writes ``kspace`` (C, D, H, W) complex64 and
-``mask``; nothing passes through the Ray object store.
+A volume is processed slab by slab (``slab`` slices at a time) into an output array
+whose shards are those slabs, so a task's memory is bounded by one slab, not the volume.
+Noise is seeded per slice from the pipeline seed and the scan ID, so the same spec and
+seed give the same archive whatever the slab size. Before anything is written, the
+image is checked for NaN/Inf, so a bad scan leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,68 +22,123 @@ import torch
 
 from operators.errors import NonFiniteError, ShapeError
 from operators.masks import make_mask
-from operators.mri import CartesianMRI
-from operators.noise import kspace_noise
 from pipelines.context import StageContext, StageResult
 from pipelines.fanout import fan_out, summarise
 from pipelines.fingerprint import scan_seed
+from pipelines.physics import ct_operator, mri_operator
 from pipelines.spec import MaskSpec, SimulateStage
 from pipelines.store import Archive
 
-__all__ = ["simulate_mri_volume", "simulate_scan", "run_simulate"]
+__all__ = ["simulate_mri_volume", "simulate_scan", "run_simulate", "check_finite"]
+
+
+def check_finite(image: Any, slab: int) -> None:
+    """Raise :class:`NonFiniteError` naming the slices and count if the volume has NaN/Inf (read slab by slab)."""
+    depth = image.shape[0]
+    bad_total, bad_slices = 0, []
+    for z0 in range(0, depth, slab):
+        block = np.asarray(image[z0 : z0 + slab])
+        finite = np.isfinite(block)
+        if not finite.all():
+            per_slice = (~finite).reshape(block.shape[0], -1).sum(axis=1)
+            bad_total += int(per_slice.sum())
+            bad_slices += [z0 + i for i in np.flatnonzero(per_slice)]
+    if bad_total:
+        raise NonFiniteError(
+            f"image contains {bad_total} NaN/Inf values in slices {bad_slices[:10]}"
+            f"{' …' if len(bad_slices) > 10 else ''}; expected only finite values"
+        )
+
+
+def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
+    """Complex Gaussian noise with standard deviation ``sigma`` per complex sample (``σ/√2`` per part)."""
+    g = torch.Generator().manual_seed(seed)
+    re = torch.randn(shape, generator=g)
+    im = torch.randn(shape, generator=g)
+    return torch.complex(re, im) * (sigma / np.sqrt(2.0))
+
+
+def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out: Any | None = None):
+    """Yield-free worker for MRI: fills ``out`` (C, D, H, W) slab by slab; returns (mask, maps, sigma)."""
+    from operators.mri import birdcage_maps
+
+    depth, h, w = image.shape
+    slab = stage.slab or depth
+    mask = make_mask(stage.mask.kind, (h, w), stage.mask.acceleration, stage.mask.center_fraction, scan_seed(seed, scan_id, "mask"))
+    mask_f = mask.to(torch.float32)
+    maps = birdcage_maps((h, w), stage.coils) if stage.coils > 1 else None
+    op = mri_operator(mask_f, maps)
+    # σ from the image RMS: with an orthonormal FFT and Σ|S_c|² = 1, the fully-sampled k-space RMS per
+    # coil sample is ‖x‖ / sqrt(C · N). SNR_dB = 20 log10(that RMS / σ): one σ for the whole scan.
+    energy = sum(float(np.sum(np.asarray(image[z : z + slab], dtype=np.float64) ** 2)) for z in range(0, depth, slab))
+    rms = np.sqrt(energy / (stage.coils * image.size))
+    sigma = 0.0 if stage.snr_db is None else float(rms * 10 ** (-stage.snr_db / 20))
+    for z0 in range(0, depth, slab):
+        x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
+        y = op.forward(x)  # (s, H, W) single coil or (s, C, H, W)
+        y = y.reshape(x.shape[0], stage.coils, h, w).transpose(0, 1)  # (C, s, H, W)
+        if sigma > 0:
+            noise = torch.stack([_noise((stage.coils, h, w), sigma, scan_seed(seed, scan_id, f"noise/{z0 + i}"))
+                                 for i in range(x.shape[0])], dim=1)  # (C, s, H, W)
+            y = y + noise * mask_f
+        if out is not None:
+            out[:, z0 : z0 + x.shape[0]] = y.to(torch.complex64).numpy()
+    return mask, maps, sigma
 
 
 def simulate_mri_volume(
-    image: np.ndarray, mask_spec: MaskSpec, snr_db: float | None, mask_seed: int, noise_seed: int
+    image: np.ndarray, mask_spec: MaskSpec, snr_db: float | None, seed: int, scan_id: str = "scan", coils: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Single-coil Cartesian k-space of a volume, slice by slice.
-
-    Args:
-        image: float32 ``(D, H, W)``.
-        mask_spec: the mask kind, acceleration and centre fraction.
-        snr_db: k-space SNR in dB, or None for noiseless data.
-        mask_seed, noise_seed: seeds of the mask and the noise.
-
-    Returns:
-        ``(kspace, mask)``: complex64 ``(1, D, H, W)`` and bool ``(H, W)``.
-    """
+    """In-memory MRI simulation of a volume ``(D, H, W)``: ``(kspace (C, D, H, W), mask (H, W))``."""
     if image.ndim != 3:
         raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
-    if not np.all(np.isfinite(image)):
-        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-        raise NonFiniteError(f"image contains {bad} NaN/Inf values; expected only finite values")
-    _, h, w = image.shape
-    mask = make_mask(mask_spec.kind, (h, w), mask_spec.acceleration, mask_spec.center_fraction, mask_seed)
-    op = CartesianMRI(mask.to(torch.float32))
-    y = op.forward(torch.from_numpy(np.ascontiguousarray(image)))  # (D, H, W) complex64
-    if snr_db is not None:
-        y = kspace_noise(y, snr_db, seed=noise_seed, mask=mask)
-    return y.numpy()[None].astype(np.complex64), mask.numpy().astype(bool)
+    check_finite(image, image.shape[0])
+    stage = SimulateStage(kind="simulate", mask=mask_spec, snr_db=snr_db, coils=coils)
+    out = np.zeros((coils, *image.shape), np.complex64)
+    mask, _, _ = _simulate_mri(image, stage, scan_id, seed, out)
+    return out, mask.numpy().astype(bool)
 
 
 def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed: int) -> dict[str, Any]:
-    """Read one scan's image, simulate, write ``mask`` and ``kspace``."""
-    image = archive.read_array(scan_id, "image")
-    kspace, mask = simulate_mri_volume(
-        image, stage.mask, stage.snr_db, scan_seed(seed, scan_id, "mask"), scan_seed(seed, scan_id, "noise")
-    )
-    attrs = {
-        "modality": stage.modality,
-        "mask": stage.mask.model_dump(),
-        "snr_db": stage.snr_db,
-        "seed": seed,
-        "producer": "simulate",
-    }
-    archive.write_array(scan_id, "mask", mask, attrs)
-    archive.write_array(scan_id, "kspace", kspace, attrs)
-    return {"sampled_fraction": float(mask.mean())}
+    """Read one scan's image slab by slab, simulate, and write its measurements (see module docs)."""
+    from operators.noise import low_dose_sinogram
+
+    image = archive.open_array(scan_id, "image")  # lazy: read slab by slab
+    if len(image.shape) != 3:
+        raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
+    depth, h, w = image.shape
+    slab = stage.slab or depth
+    check_finite(image, slab)
+    attrs: dict[str, Any] = {"modality": stage.modality, "seed": seed, "producer": "simulate", "slab": slab,
+                             "image_shape": [h, w]}  # fmt: skip
+    if stage.modality == "mri":
+        attrs |= {"mask": stage.mask.model_dump(), "coils": stage.coils, "snr_db": stage.snr_db}
+        out = archive.create_array(scan_id, "kspace", (stage.coils, depth, h, w), np.complex64, slab=slab, slab_axis=1, attrs=attrs)
+        mask, maps, sigma = _simulate_mri(image, stage, scan_id, seed, out)
+        archive.write_array(scan_id, "mask", mask.numpy().astype(bool), attrs)
+        if maps is not None:
+            archive.write_array(scan_id, "coil_maps", maps.to(torch.complex64).numpy(), attrs)
+        return {"sampled_fraction": float(mask.float().mean()), "noise_sigma": sigma}
+    ct = stage.ct_spec
+    op = ct_operator(ct, (h, w))
+    attrs |= {"ct": ct.model_dump(), "angles": op.angles.tolist()}
+    out = archive.create_array(scan_id, "sinogram", (depth, *op.out_shape), np.float32, slab=slab, attrs=attrs)
+    for z0 in range(0, depth, slab):
+        x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
+        p = op.forward(x)  # (s, views, detectors)
+        if ct.i0 is not None:
+            p = torch.stack([low_dose_sinogram(p[i], ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}"))
+                             for i in range(p.shape[0])])
+        out[z0 : z0 + x.shape[0]] = p.numpy().astype(np.float32)
+    return {"views": ct.views, "i0": ct.i0}
 
 
 def run_simulate(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResult:
     ids = ctx.archive.scans("all")
+    outputs = ["mask", "kspace", "coil_maps"] if stage.modality == "mri" else ["sinogram"]
     outcomes = fan_out(
-        ctx.archive, "simulate", ids, fingerprint, simulate_scan, ["mask", "kspace"],
+        ctx.archive, "simulate", ids, fingerprint, simulate_scan, outputs,
         {"stage": stage, "seed": ctx.spec.seed}, num_cpus=stage.num_cpus, console=ctx.console,
-        description="simulate k-space",
+        description=f"simulate {'k-space' if stage.modality == 'mri' else 'sinograms'}",
     )
-    return summarise(outcomes)
+    return summarise(outcomes, {"modality": stage.modality})

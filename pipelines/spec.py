@@ -59,7 +59,12 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 #: The recon method name that means "the model trained (or named) in this pipeline".
 LEARNED = "learned"
-CLASSICAL_MRI = ("zero_filled", "cg_sense", "cs_wavelet", "cs_tv")
+CLASSICAL = ("zero_filled", "fbp", "cg_sense", "cs_wavelet", "cs_tv")
+#: Which recon methods apply to which modality.
+METHODS_BY_MODALITY = {
+    "mri": ("zero_filled", "cg_sense", "cs_wavelet", "cs_tv", "learned"),
+    "ct": ("fbp", "cg_sense", "cs_wavelet", "cs_tv"),
+}
 
 
 class Spec(BaseModel):
@@ -229,7 +234,7 @@ class ReconStage(Spec):
     @field_validator("methods")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        valid = (*CLASSICAL_MRI, LEARNED)
+        valid = (*CLASSICAL, LEARNED)
         bad = [m for m in v if m not in valid]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; expected any of {list(valid)}")
@@ -283,6 +288,13 @@ class PipelineSpec(Spec):
                 f"coils={sim.coils}. Remove the train stage or simulate single-coil MRI"
             )
         recon = self.stage("recon")
+        if recon is not None and sim is not None:
+            wrong = [m for m in recon.methods if m not in METHODS_BY_MODALITY[sim.modality]]
+            if wrong:
+                raise ValueError(
+                    f"recon methods {wrong} do not apply to modality {sim.modality!r}; "
+                    f"expected any of {list(METHODS_BY_MODALITY[sim.modality])}"
+                )
         if recon is not None and LEARNED in recon.methods and recon.model_uri is None and "train" not in kinds:
             raise ValueError(
                 "recon method 'learned' needs a model: add a train stage or set recon.model_uri "

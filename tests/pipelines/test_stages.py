@@ -27,9 +27,9 @@ STAGE = SimulateStage(kind="simulate", mask=MaskSpec(acceleration=4, center_frac
 
 def test_simulation_is_seeded_and_undersamples():
     img = random_ellipsoids((4, 32, 32), seed=0).image
-    k1, m1 = simulate_mri_volume(img, STAGE.mask, 30, 1, 2)
-    k2, m2 = simulate_mri_volume(img, STAGE.mask, 30, 1, 2)
-    k3, _ = simulate_mri_volume(img, STAGE.mask, 30, 1, 3)
+    k1, m1 = simulate_mri_volume(img, STAGE.mask, 30, seed=1)
+    k2, m2 = simulate_mri_volume(img, STAGE.mask, 30, seed=1)
+    k3, _ = simulate_mri_volume(img, STAGE.mask, 30, seed=2)
     assert k1.shape == (1, 4, 32, 32) and k1.dtype == np.complex64 and m1.shape == (32, 32)
     assert np.array_equal(k1, k2) and np.array_equal(m1, m2) and not np.array_equal(k1, k3)
     assert 0.15 < m1.mean() < 0.45
@@ -39,8 +39,8 @@ def test_simulation_is_seeded_and_undersamples():
 def test_non_finite_image_is_refused_with_a_count():
     img = random_ellipsoids((4, 32, 32), seed=0).image
     img[0, 0, :3] = np.nan
-    with pytest.raises(NonFiniteError, match="3 NaN/Inf values"):
-        simulate_mri_volume(img, STAGE.mask, 30, 1, 2)
+    with pytest.raises(NonFiniteError, match=r"3 NaN/Inf values in slices \[0\]"):
+        simulate_mri_volume(img, STAGE.mask, 30, seed=1)
 
 
 def test_failed_scan_is_quarantined_leaves_nothing_and_others_go_on(archive):
@@ -50,7 +50,7 @@ def test_failed_scan_is_quarantined_leaves_nothing_and_others_go_on(archive):
     outcomes = [process_scan(archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0})
                 for s in ("s0", "s1", "s2")]
     assert [o.status for o in outcomes] == ["done", "failed", "done"]
-    assert "NonFiniteError" in outcomes[1].error and "1 NaN/Inf" in outcomes[1].error
+    assert "NonFiniteError" in outcomes[1].error and "1 NaN/Inf values in slices [1]" in outcomes[1].error
     assert not archive.has_array("s1", "kspace") and not archive.has_array("s1", "mask")
     assert archive.quarantined("simulate") == {"s1": outcomes[1].error}
     again = [process_scan(archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0})
