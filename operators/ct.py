@@ -11,8 +11,9 @@ stored once as its own CSR matrix, so forward and back-projection are a matched 
 Leading dimensions are batch: a volume ``(D, H, W)`` maps to ``(D, n_angles, n_detectors)``,
 and a batch is one sparse @ dense product (pixels x slices).
 
-Geometry (identical to ``skimage.transform.radon(image, theta=np.rad2deg(angles),
-circle=True).T`` for a square image and ``n_detectors = H``):
+Geometry (that of ``skimage.transform.radon(image, theta=np.rad2deg(angles), circle=True).T``
+for a square image and ``n_detectors = H``; on a 256² Shepp-Logan with 180 angles the two
+sinograms differ by 0.2% in relative L2, radon sampling bilinearly along each ray):
 
 * pixel ``(i, j)`` (row, column) sits at ``x = j - W // 2``, ``y = i - H // 2``, so the
   centre of rotation is pixel ``(H // 2, W // 2)`` and ``y`` points down the rows;
@@ -46,7 +47,7 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -299,12 +300,12 @@ class _Tomography(LinearOperator):
         return self._apply(y, math.prod(self.out_shape), self.in_shape, transpose=True)
 
     # public API
-    def with_angles(self, angles: torch.Tensor) -> _Tomography:
+    def with_angles(self, angles: torch.Tensor) -> Self:
         """The same geometry at other angles (e.g. a sparse-view subset ``op.angles[::4]``)."""
         new = type(self)(**{**self._params(), "angles": angles})
         return new.to(self.angles.device) if self.angles.device.type != "cpu" else new
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> _Tomography:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
         """A copy on ``device``. ``dtype`` is accepted for the common interface but changes nothing:
         the system matrices always take the precision of the input they are applied to."""
         new = object.__new__(type(self))
@@ -444,7 +445,7 @@ def fbp_filter(
 ) -> torch.Tensor:
     """The FBP filter's frequency response on the zero-padded detector axis (``rfft`` layout).
 
-    The ramp is the DFT of the band-limited ramp sampled in space (Kak & Slaney eq. 3.61,
+    The ramp is the DFT of the band-limited ramp sampled in space (Kak & Slaney ch. 3,
     unit spacing): ``h[0] = 1/4``, ``h[n] = -1 / (π n)²`` for odd ``n``, 0 for even ``n``, on a
     circular axis of ``n_pad`` = the smallest power of two ``>= 2 n_detectors - 1``, so a
     linear convolution over the detector never wraps around and the DC term is not
@@ -496,7 +497,8 @@ def fbp(
 
     Parallel beam: ``f = (π / n_angles) Aᵀ (h ⊛ p)``, the discrete form of
     ``f(x) = ∫₀^π (p_θ ⊛ h)(x cos θ - y sin θ) dθ``, with the exact adjoint as the
-    back-projector (the filter's ``1 / spacing`` cancels against ``Aᵀ``'s ray density).
+    back-projector (``Aᵀ`` sums ``1 / spacing`` rays per unit length across the beam, which
+    supplies the ``1 / spacing`` of the discrete convolution ``h ⊛ p``).
     Angles should be equally spaced over a half or a full turn.
 
     Fan beam (flat detector; Kak & Slaney §3.4.2): rows are weighted by
@@ -504,7 +506,9 @@ def fbp(
     source distance), filtered with the ramp at that scaled spacing, and back-projected
     pixel by pixel with linear interpolation and weight ``1 / U²``,
     ``U = (D + <x, e_β>) / D``; then scaled by ``π / n_angles``. Angles should be
-    equally spaced over a full turn (no short-scan weighting).
+    equally spaced over a full turn (no short-scan weighting). Pixels outside the disc that
+    every fan covers (radius ``n_detectors * detector_spacing / (2 * magnification)``) are
+    not reconstructed faithfully.
 
     Args:
         sinogram: real ``(..., n_angles, n_detectors)``.
