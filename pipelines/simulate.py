@@ -113,7 +113,7 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
                              "image_shape": [h, w]}  # fmt: skip
     if stage.modality == "mri":
         attrs |= {"mask": stage.mask.model_dump(), "coils": stage.coils, "snr_db": stage.snr_db}
-        out = archive.create_array(scan_id, "kspace", (stage.coils, depth, h, w), np.complex64, slab=slab, slab_axis=1, attrs=attrs)
+        out = archive.create_array(scan_id, "kspace", (stage.coils, depth, h, w), np.complex64, slab=slab, slab_axis=1, attrs=attrs, compress=False)
         mask, maps, sigma = _simulate_mri(image, stage, scan_id, seed, out)
         archive.write_array(scan_id, "mask", mask.numpy().astype(bool), attrs)
         if maps is not None:
