@@ -1,0 +1,116 @@
+"""The simulation stage's branches: CT (parallel, fan, low dose), multi-coil MRI, slabs; and recon from them."""
+
+import numpy as np
+import pytest
+import torch
+
+from operators.metrics import psnr
+from operators.phantoms import random_ellipsoids
+from pipelines.physics import ct_operator, operator_for_scan
+from pipelines.recon import Reconstructor
+from pipelines.simulate import simulate_scan
+from pipelines.spec import CTSpec, MaskSpec, PipelineSpec, SimulateStage
+from pipelines.store import Archive
+
+SHAPE = (5, 48, 48)
+
+
+@pytest.fixture
+def archive(tmp_path):
+    a = Archive(str(tmp_path / "a"), create=True)
+    a.write_array("s0", "image", random_ellipsoids(SHAPE, seed=0).image)
+    return a
+
+
+def _sim(archive, **fields):
+    stage = SimulateStage(kind="simulate", **fields)
+    info = simulate_scan(archive, "s0", stage=stage, seed=3)
+    return stage, info
+
+
+def test_ct_parallel_noiseless_equals_the_projector(archive):
+    stage, _ = _sim(archive, modality="ct", ct=CTSpec(views=30))
+    sino = archive.read_array("s0", "sinogram")
+    op = ct_operator(stage.ct_spec, SHAPE[1:])
+    assert sino.shape == (SHAPE[0], 30, 48) and sino.dtype == np.float32
+    np.testing.assert_allclose(sino, op.forward(torch.from_numpy(archive.read_array("s0", "image"))).numpy(), rtol=1e-5, atol=1e-5)
+    assert archive.open_array("s0", "sinogram").attrs["ct"]["views"] == 30
+
+
+def test_ct_low_dose_is_seeded_noisy_and_fbp_reconstructs(archive, tmp_path):
+    _sim(archive, modality="ct", ct=CTSpec(views=90, i0=1e4))
+    noisy = archive.read_array("s0", "sinogram")
+    _sim(archive, modality="ct", ct=CTSpec(views=90, i0=1e4))
+    assert np.array_equal(noisy, archive.read_array("s0", "sinogram")), "same seed, same noise"
+    _sim(archive, modality="ct", ct=CTSpec(views=90))
+    clean = archive.read_array("s0", "sinogram")
+    assert 0 < np.abs(noisy - clean).mean() < 0.2 * np.abs(clean).mean()
+    rec = Reconstructor(archive.uri, {}, ["fbp"], "fp")
+    assert list(rec({"scan_id": np.array(["s0"])})["status"]) == ["done"]
+    assert psnr(archive.read_array("s0", "recon/fbp"), archive.read_array("s0", "image")) > 22
+
+
+def test_ct_fan_beam_branch(archive):
+    stage, _ = _sim(archive, modality="ct", ct=CTSpec(geometry="fan", views=60))
+    op, name, _ = operator_for_scan(archive, "s0")
+    assert name == "sinogram" and type(op).__name__ == "FanBeam"
+    assert archive.read_array("s0", "sinogram").shape == (SHAPE[0], 60, 72)
+
+
+def test_multicoil_writes_maps_and_rebuilds_the_same_operator(archive):
+    _sim(archive, coils=4, mask=MaskSpec(acceleration=4), snr_db=None)
+    ksp = archive.read_array("s0", "kspace")
+    maps = archive.read_array("s0", "coil_maps")
+    assert ksp.shape == (4, *SHAPE) and maps.shape == (4, 48, 48)
+    op, name, acq = operator_for_scan(archive, "s0")
+    assert name == "kspace" and acq["coils"] == 4
+    img = torch.from_numpy(archive.read_array("s0", "image"))
+    expected = op.forward(img)  # (D, C, H, W)
+    np.testing.assert_allclose(ksp, expected.transpose(0, 1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_slab_size_does_not_change_the_archive(archive, tmp_path):
+    _sim(archive, coils=2, slab=2, snr_db=20)
+    by_slab = archive.read_array("s0", "kspace")
+    assert archive.open_array("s0", "kspace").shards == (2, 2, 48, 48)
+    _sim(archive, coils=2, snr_db=20)
+    np.testing.assert_array_equal(by_slab, archive.read_array("s0", "kspace"))
+
+
+def test_noise_level_matches_the_requested_snr(archive):
+    _, info = _sim(archive, snr_db=20)
+    ksp = archive.read_array("s0", "kspace")
+    _sim(archive, snr_db=None)
+    noise = ksp - archive.read_array("s0", "kspace")
+    mask = archive.read_array("s0", "mask")
+    sampled = noise[0][:, mask]
+    assert np.std(sampled) == pytest.approx(info["noise_sigma"] / np.sqrt(2), rel=0.05)  # per real part
+    assert np.all(noise[0][:, ~mask] == 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mask": {"acceleration": 0.5}}, r"acceleration: Input should be greater than or equal to 1"),
+        ({"modality": "ct", "ct": {"i0": 0}}, r"i0: Input should be greater than 0"),
+        ({"modality": "mri", "ct": {"views": 10}}, r"'ct' settings given for modality 'mri'"),
+    ],
+)
+def test_bad_simulation_settings_are_spec_errors(fields, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        SimulateStage.model_validate({"kind": "simulate", **fields})
+
+
+def test_ct_pipeline_refuses_learned_and_zero_filled():
+    raw = {
+        "name": "ct", "archive": {"path": "x"},
+        "stages": [
+            {"kind": "phantoms", "n_scans": 2, "shape": [8, 16, 16], "split": {"train": 1, "test": 1}},
+            {"kind": "simulate", "modality": "ct"},
+            {"kind": "recon", "methods": ["zero_filled", "fbp"]},
+        ],
+    }
+    with pytest.raises(Exception, match=r"recon methods \['zero_filled'\] do not apply to modality 'ct'"):
+        PipelineSpec.model_validate(raw)
