@@ -4,7 +4,8 @@
   simulated birdcage coil maps, a seeded mask per scan, and complex Gaussian noise at a
   given SNR.
 * CT: ``p = A x`` with a parallel- or fan-beam projector over ``views`` angles,
-  optionally low-dose (Poisson counts at ``i0`` photons per ray, then ``-log``).
+  optionally low-dose: Poisson counts ``N ~ Poisson(i0 · exp(-μ A x))`` then ``-log(N / i0) / μ``,
+  with ``μ`` the attenuation of unit image intensity per pixel.
 
 A volume is processed slab by slab (``slab`` slices at a time) into an output array
 whose shards are those slabs, so a task's memory is bounded by one slab, not the volume.
@@ -22,6 +23,7 @@ import torch
 
 from operators.errors import NonFiniteError, ShapeError
 from operators.masks import make_mask
+from operators.noise import sigma_for_snr
 from pipelines.context import StageContext, StageResult
 from pipelines.fanout import fan_out, summarise
 from pipelines.fingerprint import scan_seed
@@ -42,7 +44,7 @@ def check_finite(image: Any, slab: int) -> None:
         if not finite.all():
             per_slice = (~finite).reshape(block.shape[0], -1).sum(axis=1)
             bad_total += int(per_slice.sum())
-            bad_slices += [z0 + i for i in np.flatnonzero(per_slice)]
+            bad_slices += [z0 + int(i) for i in np.flatnonzero(per_slice)]
     if bad_total:
         raise NonFiniteError(
             f"image contains {bad_total} NaN/Inf values in slices {bad_slices[:10]}"
@@ -59,7 +61,7 @@ def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
 
 
 def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out: Any | None = None):
-    """Yield-free worker for MRI: fills ``out`` (C, D, H, W) slab by slab; returns (mask, maps, sigma)."""
+    """MRI simulation of ``image`` (D, H, W), filling ``out`` (C, D, H, W) slab by slab; returns (mask, maps, σ)."""
     from operators.mri import birdcage_maps
 
     depth, h, w = image.shape
@@ -68,11 +70,13 @@ def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out
     mask_f = mask.to(torch.float32)
     maps = birdcage_maps((h, w), stage.coils) if stage.coils > 1 else None
     op = mri_operator(mask_f, maps)
-    # σ from the image RMS: with an orthonormal FFT and Σ|S_c|² = 1, the fully-sampled k-space RMS per
-    # coil sample is ‖x‖ / sqrt(C · N). SNR_dB = 20 log10(that RMS / σ): one σ for the whole scan.
+    # One σ for the whole scan, whatever the slab size. Its reference is the RMS of the fully sampled
+    # noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is ‖x‖ / sqrt(C · N) and so
+    # comes from the image in one cheap pass; operators.noise.kspace_noise instead takes the RMS of
+    # the sampled entries of one array, which would differ from slab to slab.
     energy = sum(float(np.sum(np.asarray(image[z : z + slab], dtype=np.float64) ** 2)) for z in range(0, depth, slab))
-    rms = np.sqrt(energy / (stage.coils * image.size))
-    sigma = 0.0 if stage.snr_db is None else float(rms * 10 ** (-stage.snr_db / 20))
+    rms = float(np.sqrt(energy / (stage.coils * image.size)))
+    sigma = 0.0 if stage.snr_db is None else sigma_for_snr(rms, stage.snr_db)
     for z0 in range(0, depth, slab):
         x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
         y = op.forward(x)  # (s, H, W) single coil or (s, C, H, W)
@@ -127,7 +131,10 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
         x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
         p = op.forward(x)  # (s, views, detectors)
         if ct.i0 is not None:
-            p = torch.stack([low_dose_sinogram(p[i], ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}"))
+            # Photons see the physical line integral μ·(A x); the stored sinogram stays in image units
+            # (divided back by μ), so y = A x + noise and FBP returns the image scale.
+            mu = ct.attenuation
+            p = torch.stack([low_dose_sinogram(mu * p[i], ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}")) / mu
                              for i in range(p.shape[0])])
         out[z0 : z0 + x.shape[0]] = p.numpy().astype(np.float32)
     return {"views": ct.views, "i0": ct.i0}

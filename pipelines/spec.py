@@ -165,6 +165,9 @@ class CTSpec(Spec):
     source_distance: float = Field(default=2.0, gt=0, description="fan beam: source to centre, in image widths")
     detector_distance: float = Field(default=1.0, gt=0, description="fan beam: centre to detector, in image widths")
     i0: float | None = Field(default=None, gt=0, description="photons per ray for low-dose noise; null: noiseless")
+    attenuation: float = Field(
+        default=0.02, gt=0, description="attenuation (1/pixel) of unit image intensity: photons see exp(-attenuation·Ax)"
+    )
 
 
 class SimulateStage(Spec):
