@@ -22,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable in logs
 
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline file (YAML), e.g. pipelines/specs/quickstart.yaml")]
 SetOpt = Annotated[
