@@ -51,6 +51,7 @@ __all__ = [
     "modulations",
     "modulated_fft",
     "batch_blocks",
+    "broadcast_shape",
     "is_even",
     "BLOCK_ELEMENTS",
 ]
@@ -58,6 +59,22 @@ __all__ = [
 #: Elements per block of the batch loop in :func:`modulated_fft` (2 MiB of complex64): a block
 #: is modulated, transformed and weighted while it is still in cache.
 BLOCK_ELEMENTS = 1 << 18
+
+
+def broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """The broadcast of ``shapes`` (numpy rules); ``ValueError`` if they do not broadcast.
+
+    Plain Python: ``torch.broadcast_shapes`` imports ``torch._refs`` on first use (about a second).
+    """
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, n in enumerate(shape, start=ndim - len(shape)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = n
+    return tuple(out)
 
 
 def is_even(shape: tuple[int, ...]) -> bool:
@@ -185,7 +202,7 @@ def modulated_fft(
     """
     dims = _check_ndim(x, ndim, "modulated_fft")
     operands = [t for t in (x, pre, post) if t is not None]
-    full = torch.broadcast_shapes(*(t.shape for t in operands))
+    full = broadcast_shape(*(t.shape for t in operands))
     batch = tuple(full[: len(full) - ndim])
     spatial = tuple(full[len(full) - ndim :])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in operands)

@@ -15,6 +15,15 @@ from operators.mri import FFTc
 from tests.operators.contract import check_linear_operator
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny FFTs: with 2 threads, MKL's thread hand-offs cost milliseconds per call on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _numpy_fftc(x: np.ndarray, ndim: int, inverse: bool = False) -> np.ndarray:
     axes = tuple(range(-ndim, 0))
     fn = np.fft.ifftn if inverse else np.fft.fftn
