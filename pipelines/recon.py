@@ -124,8 +124,11 @@ class Reconstructor:
 
 
 def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
+    import logging
+
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # ray.data sets its own levels on import
     model_uri = stage.model_uri or ctx.upstream.get("train", {}).get("model_uri")
     if LEARNED in stage.methods and model_uri is None:
         raise StageError("recon: method 'learned' needs a model: the train stage recorded none and recon.model_uri is unset")
