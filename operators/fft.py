@@ -50,6 +50,7 @@ __all__ = [
     "ifftc",
     "modulations",
     "modulated_fft",
+    "fft_filter",
     "batch_blocks",
     "broadcast_shape",
     "is_even",
@@ -242,6 +243,40 @@ def modulated_fft(
             _weigh_into(xb, pb, buf[: xb.shape[0]])
             xb = buf[: xb.shape[0]]
         _weigh_into(_fft(xb, dims, inverse), qb, out[idx])
+    return out
+
+
+def fft_filter(x: torch.Tensor, weight: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``Fᴴ(weight ⊙ F x)`` over the last ``ndim`` dimensions: a normal operator ``AᴴA`` of a masked FFT.
+
+    Blocked like :func:`modulated_fft` without autograd (one full-size allocation), plain
+    differentiable torch calls with it.
+
+    Args:
+        x: ``(..., *spatial)`` array, complex or real.
+        weight: ``(..., *spatial)`` real or complex, in the uncentred FFT layout.
+        ndim: number of trailing dimensions transformed.
+    """
+    dims = _check_ndim(x, ndim, "fft_filter")
+    full = broadcast_shape(x.shape, weight.shape)
+    batch, spatial = tuple(full[: len(full) - ndim]), tuple(full[len(full) - ndim :])
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    blocks = [] if needs_grad else list(batch_blocks(batch, math.prod(spatial)))
+    if len(blocks) < 2:
+        return _fft(_fft(x, dims, False) * weight, dims, True)
+
+    dtype = torch.promote_types(x.dtype if x.is_complex() else complex_dtype(x.dtype), weight.dtype)
+    out = torch.empty(full, dtype=dtype, device=x.device)  # (*batch, *spatial)
+    xe = x.to(dtype).expand(full)  # (*batch, *spatial), a view unless x was real
+    batched = weight.ndim > ndim
+    w = weight.expand(full) if batched else (weight if weight.is_complex() else _interleaved(weight))
+    for idx in blocks:
+        k = _fft(xe[idx], dims, False)  # (n, *spatial), a fresh block
+        wb = w[idx] if batched else w
+        if batched and not wb.is_complex():
+            wb = _interleaved(wb)
+        _weigh_into(k, wb, k)  # in place
+        out[idx].copy_(_fft(k, dims, True))
     return out
 
 

@@ -42,7 +42,7 @@ import torch
 
 from operators import fft as _fft
 from operators.errors import DTypeError, ParameterError, ShapeError
-from operators.fft import broadcast_shape, fftc, ifftc, is_even, modulated_fft, modulations
+from operators.fft import broadcast_shape, fft_filter, fftc, ifftc, is_even, modulated_fft, modulations
 from operators.linear import LinearOperator, complex_dtype_for
 
 __all__ = ["CartesianMRI", "FFTc", "Mask", "CoilExpand", "SENSE", "sense", "birdcage_maps"]
@@ -170,9 +170,7 @@ class CartesianMRI(LinearOperator):
         _check_broadcast("CartesianMRI", x, self.mask, "input of normal")
         if self._normal_weight is None:
             return self._adjoint(self._forward(x))
-        dims = _dims(self.ndim)
-        k = _scale(torch.fft.fftn(x, dim=dims, norm="ortho"), self._normal_weight)
-        return torch.fft.ifftn(k, dim=dims, norm="ortho")
+        return fft_filter(x, self._normal_weight, self.ndim)
 
     def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Zero-filled reconstruction ``Aᴴ y``."""

@@ -142,3 +142,12 @@ def test_is_even() -> None:
 def test_fftc_operator_contract(shape: list[int], ndim: int) -> None:
     ndim = min(ndim, len(shape))
     check_linear_operator(FFTc(tuple(shape), ndim).to(dtype=torch.float64), tol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 80, 10**9])
+def test_fft_filter_blocked_matches_reference(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fft_module, "BLOCK_ELEMENTS", block)
+    x = _random((3, 4, 8, 10), 6)
+    for weight in (_random((8, 10), 7).real, _random((4, 8, 10), 8)):
+        expected = np.fft.ifft2(weight.numpy() * np.fft.fft2(x.numpy(), norm="ortho"), norm="ortho")
+        np.testing.assert_allclose(fft_module.fft_filter(x, weight, 2).numpy(), expected, atol=1e-12)
