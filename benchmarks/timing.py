@@ -22,7 +22,9 @@ __all__ = ["median_time", "print_table", "write_json", "RESULTS_DIR"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
+def median_time(
+    fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs."""
     for _ in range(warmup):
         fn()

@@ -3,4 +3,12 @@
 from models.registry import MODELS, ModelError, build_model, load_model, save_model
 from models.unrolled import GDNetConfig, GradientDescentNet
 
-__all__ = ["MODELS", "ModelError", "build_model", "load_model", "save_model", "GDNetConfig", "GradientDescentNet"]
+__all__ = [
+    "MODELS",
+    "ModelError",
+    "build_model",
+    "load_model",
+    "save_model",
+    "GDNetConfig",
+    "GradientDescentNet",
+]

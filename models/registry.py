@@ -73,7 +73,9 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     for path in (spec_path, weights_path):
         if not path.is_file():
-            raise ModelError(f"saved model at {directory} is missing {path.name}; expected {SPEC_FILE} and {WEIGHTS_FILE}")
+            raise ModelError(
+                f"saved model at {directory} is missing {path.name}; expected {SPEC_FILE} and {WEIGHTS_FILE}"
+            )
     spec = json.loads(spec_path.read_text())
     module = build_model(spec["name"], spec.get("kwargs", {}))
     module.load_state_dict(load_file(str(weights_path), device=device))

@@ -45,7 +45,9 @@ class ConvRegularizer(nn.Module):
         norm_layer: optional normalisation factory called with the channel count.
     """
 
-    def __init__(self, features: int = 32, depth: int = 3, norm_layer: Callable[[int], nn.Module] | None = None) -> None:
+    def __init__(
+        self, features: int = 32, depth: int = 3, norm_layer: Callable[[int], nn.Module] | None = None
+    ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"ConvRegularizer: depth must be >= 2; found {depth}")

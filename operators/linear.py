@@ -177,7 +177,9 @@ class LinearOperator(metaclass=_FreezeAfterInit):
             return NotImplemented
         return Summed(self, other)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LinearOperator:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LinearOperator:
         """A copy with every tensor attribute moved to ``device`` and/or cast to precision ``dtype``.
 
         ``dtype`` is a real dtype (float32 or float64); complex attributes take the complex
@@ -228,7 +230,9 @@ class LinearOperator(metaclass=_FreezeAfterInit):
 
     def _check(self, x: torch.Tensor, shape: tuple[int, ...], is_complex: bool, what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise DTypeError(f"{type(self).__name__}: {what} must be a torch.Tensor; found {type(x).__name__}")
+            raise DTypeError(
+                f"{type(self).__name__}: {what} must be a torch.Tensor; found {type(x).__name__}"
+            )
         n = len(shape)
         if x.ndim < n or tuple(x.shape[x.ndim - n :]) != shape:
             raise ShapeError(

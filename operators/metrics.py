@@ -33,7 +33,9 @@ def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 def _pair(x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = _as_tensor(x), _as_tensor(ref)
     if a.shape != b.shape:
-        raise ShapeError(f"image and reference must have the same shape; found {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ShapeError(
+            f"image and reference must have the same shape; found {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return a, b
 
 
@@ -41,7 +43,9 @@ def _range(ref: torch.Tensor, data_range: float | None) -> float:
     return float(ref.max() - ref.min()) if data_range is None else float(data_range)
 
 
-def psnr(x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float | None = None) -> float:
+def psnr(
+    x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float | None = None
+) -> float:
     """Peak signal-to-noise ratio ``10 log10(range² / MSE)`` in dB."""
     a, b = _pair(x, ref)
     mse = float(torch.mean((a - b) ** 2))
@@ -71,7 +75,12 @@ def _ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float, ndim: int, wi
     return s.flatten(1).mean(dim=1)
 
 
-def ssim(x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float | None = None, win: int = 7) -> float:
+def ssim(
+    x: np.ndarray | torch.Tensor,
+    ref: np.ndarray | torch.Tensor,
+    data_range: float | None = None,
+    win: int = 7,
+) -> float:
     """Structural similarity of a 2D image ``(H, W)``, or the mean over slices of a volume ``(D, H, W)``."""
     a, b = _pair(x, ref)
     if a.ndim not in (2, 3) or min(a.shape[-2:]) < win:
@@ -81,7 +90,12 @@ def ssim(x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_rang
     return float(_ssim_map(a, b, _range(b, data_range), 2, win).mean())
 
 
-def ssim3d(x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float | None = None, win: int = 7) -> float:
+def ssim3d(
+    x: np.ndarray | torch.Tensor,
+    ref: np.ndarray | torch.Tensor,
+    data_range: float | None = None,
+    win: int = 7,
+) -> float:
     """Structural similarity of a volume ``(D, H, W)`` with a ``win³`` window."""
     a, b = _pair(x, ref)
     if a.ndim != 3 or min(a.shape) < win:

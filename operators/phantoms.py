@@ -105,7 +105,9 @@ def random_ellipsoids(
     labels = np.zeros((d, h, w), np.uint8)
 
     outer_axes = np.array([0.9, 0.85, 0.75]) * rng.uniform(0.9, 1.0, 3)
-    outer = _inside(grid, np.zeros(3, np.float32), outer_axes.astype(np.float32), _rotation(rng.uniform(-0.2, 0.2, 3)))
+    outer = _inside(
+        grid, np.zeros(3, np.float32), outer_axes.astype(np.float32), _rotation(rng.uniform(-0.2, 0.2, 3))
+    )
     image[outer] = rng.uniform(0.35, 0.5)
     labels[outer] = 1
 
@@ -115,7 +117,9 @@ def random_ellipsoids(
         center = (rng.uniform(-0.5, 0.5, 3) * outer_axes).astype(np.float32)
         inside = _inside(grid, center, axes, _rotation(rng.uniform(0, np.pi, 3))) & outer
         level = {2: rng.uniform(0.05, 0.2), 3: rng.uniform(0.7, 1.0), 4: rng.uniform(0.55, 0.75)}[cls]
-        ramp = 1.0 + 0.15 * np.tensordot(rng.uniform(-1, 1, 3).astype(np.float32), grid - center[:, None, None, None], 1)
+        ramp = 1.0 + 0.15 * np.tensordot(
+            rng.uniform(-1, 1, 3).astype(np.float32), grid - center[:, None, None, None], 1
+        )
         image[inside] = (level * ramp)[inside]
         labels[inside] = cls
 

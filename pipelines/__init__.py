@@ -9,6 +9,19 @@ Modules (imported lazily; ``import pipelines`` loads nothing heavy):
 """
 
 __all__ = [
-    "spec", "store", "fanout", "fingerprint", "physics", "ingest", "simulate", "train", "recon", "evaluate",
-    "runner", "tracking", "context", "cli", "errors",
+    "spec",
+    "store",
+    "fanout",
+    "fingerprint",
+    "physics",
+    "ingest",
+    "simulate",
+    "train",
+    "recon",
+    "evaluate",
+    "runner",
+    "tracking",
+    "context",
+    "cli",
+    "errors",
 ]

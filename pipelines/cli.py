@@ -34,7 +34,10 @@ SetOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[
-    bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors, and stream Ray worker logs.")
+    bool,
+    typer.Option(
+        "--debug", help="Show full tracebacks instead of one-line errors, and stream Ray worker logs."
+    ),
 ]
 
 
@@ -81,15 +84,23 @@ def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
         stages.add_row(r.kind, r.status, f"{r.seconds:.1f}", str(r.done), str(r.skipped), str(len(r.failed)))
     console.print(stages)
     if result.metrics:
-        metrics = Table(title=f"Results on the test split ({result.outputs['evaluate'].get('n_scans', 0)} scans)")
+        metrics = Table(
+            title=f"Results on the test split ({result.outputs['evaluate'].get('n_scans', 0)} scans)"
+        )
         names = sorted({k for d in result.metrics.values() for k in d})
         metrics.add_column("method")
         for n in names:
-            metrics.add_column({"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE"}.get(n, n), justify="right")
+            metrics.add_column(
+                {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE"}.get(n, n), justify="right"
+            )
         for method, values in result.metrics.items():
-            metrics.add_row(method, *(f"{values[n]:.4f}" if n != "psnr" else f"{values[n]:.2f}" for n in names))
+            metrics.add_row(
+                method, *(f"{values[n]:.4f}" if n != "psnr" else f"{values[n]:.2f}" for n in names)
+            )
         console.print(metrics)
-    console.print(f"total {result.seconds:.1f} s; MLflow run [cyan]{result.run_id}[/] at {result.tracking_uri}")
+    console.print(
+        f"total {result.seconds:.1f} s; MLflow run [cyan]{result.run_id}[/] at {result.tracking_uri}"
+    )
 
 
 @app.command()
@@ -121,7 +132,10 @@ def show(
     for col in ("scan_id", "split", "shape", *stages):
         table.add_column(col)
     for r in rows:
-        marks = ["✓" if a.commit_record(s, r.scan_id) else ("✗" if r.scan_id in a.quarantined(s) else "·") for s in stages]
+        marks = [
+            "✓" if a.commit_record(s, r.scan_id) else ("✗" if r.scan_id in a.quarantined(s) else "·")
+            for s in stages
+        ]
         table.add_row(r.scan_id, r.split, "×".join(map(str, r.shape)), *marks)
     console.print(table)
 

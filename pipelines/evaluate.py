@@ -34,7 +34,8 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
     for method in methods:
         recon = archive.read_array(scan_id, f"recon/{method}")
         scores[method] = {
-            m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng)) for m in metrics
+            m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng))
+            for m in metrics
         }
     return {"scores": scores}
 
@@ -49,7 +50,9 @@ def aggregate(per_scan: dict[str, dict[str, dict[str, float]]]) -> dict[str, dic
     return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in out.items()}
 
 
-def comparison_figure(archive: Archive, scan_id: str, methods: list[str], slice_index: int | None = None) -> Any:
+def comparison_figure(
+    archive: Archive, scan_id: str, methods: list[str], slice_index: int | None = None
+) -> Any:
     """A matplotlib figure: reference and each method on top, |error| maps below, for one slice."""
     import matplotlib
 
@@ -92,15 +95,25 @@ def run_evaluate(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> S
     methods: list[str] = recon.get("methods", [])
     ids = [s for s in recon.get("scans", []) if s not in ctx.archive.quarantined("recon")]
     outcomes = fan_out(
-        ctx.archive, "evaluate", ids, fingerprint, score_scan, [],
-        {"methods": methods, "metrics": stage.metrics}, num_cpus=1.0, console=ctx.console, description="evaluate",
+        ctx.archive,
+        "evaluate",
+        ids,
+        fingerprint,
+        score_scan,
+        [],
+        {"methods": methods, "metrics": stage.metrics},
+        num_cpus=1.0,
+        console=ctx.console,
+        description="evaluate",
     )
     per_scan = {o.scan_id: (o.info or {})["scores"] for o in outcomes if o.status != "failed"}
     means = aggregate(per_scan)
     ctx.tracker.log_metrics({f"{m}/{k}": v for m, d in means.items() for k, v in d.items()})
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
-            {"scan_id": sid, "method": m, **values} for sid, scores in per_scan.items() for m, values in scores.items()
+            {"scan_id": sid, "method": m, **values}
+            for sid, scores in per_scan.items()
+            for m, values in scores.items()
         ]
         if rows:
             table_path = Path(tmp) / "per_scan_metrics.parquet"

@@ -43,14 +43,27 @@ def write_phantom(archive: Archive, scan_id: str, *, stage: PhantomStage, seed: 
 def run_phantoms(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> StageResult:
     ids = phantom_ids(stage)
     outcomes = fan_out(
-        ctx.archive, "phantoms", ids, fingerprint, write_phantom, ["image", "labels"],
-        {"stage": stage, "seed": ctx.spec.seed}, num_cpus=1.0, console=ctx.console, description="phantoms",
+        ctx.archive,
+        "phantoms",
+        ids,
+        fingerprint,
+        write_phantom,
+        ["image", "labels"],
+        {"stage": stage, "seed": ctx.spec.seed},
+        num_cpus=1.0,
+        console=ctx.console,
+        description="phantoms",
     )
     splits = assign_splits(ids, stage, ctx.spec.seed)
     rows = [
         CatalogRow(
-            scan_id=o.scan_id, modality="mri", shape=stage.shape, spacing=stage.spacing, source="phantom",
-            checksum=(o.info or {}).get("checksum", ""), split=splits[o.scan_id],
+            scan_id=o.scan_id,
+            modality="mri",
+            shape=stage.shape,
+            spacing=stage.spacing,
+            source="phantom",
+            checksum=(o.info or {}).get("checksum", ""),
+            split=splits[o.scan_id],
             status="ok" if o.status != "failed" else "failed",
         )
         for o in outcomes

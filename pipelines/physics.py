@@ -40,11 +40,17 @@ def ct_operator(ct: CTSpec, image_shape: tuple[int, int]) -> ParallelBeam | FanB
     size = max(h, w)
     detectors = ct.detectors or int(math.ceil(1.5 * size))
     return FanBeam(
-        (h, w), angles, detectors, source_distance=ct.source_distance * size, detector_distance=ct.detector_distance * size
+        (h, w),
+        angles,
+        detectors,
+        source_distance=ct.source_distance * size,
+        detector_distance=ct.detector_distance * size,
     )
 
 
-def mri_operator(mask: np.ndarray | torch.Tensor, coil_maps: np.ndarray | torch.Tensor | None = None) -> LinearOperator:
+def mri_operator(
+    mask: np.ndarray | torch.Tensor, coil_maps: np.ndarray | torch.Tensor | None = None
+) -> LinearOperator:
     """Single-coil (``coil_maps`` None) or SENSE Cartesian MRI, per 2D slice.
 
     Args:
@@ -71,7 +77,9 @@ def operator_for_scan(archive: Archive, scan_id: str) -> tuple[LinearOperator, s
     else:
         from pipelines.errors import ArchiveError
 
-        raise ArchiveError(f"scan {scan_id!r} has no measurements (kspace or sinogram); run the simulate stage first")
+        raise ArchiveError(
+            f"scan {scan_id!r} has no measurements (kspace or sinogram); run the simulate stage first"
+        )
     if name == "sinogram":
         image_shape = tuple(attrs["image_shape"])
         return ct_operator(CTSpec.model_validate(attrs["ct"]), image_shape), name, attrs

@@ -97,19 +97,27 @@ class Reconstructor:
             attrs = {"method": method, "producer": "recon", "fingerprint": self.fingerprint}
             if method == LEARNED:
                 attrs["model_uri"] = self.model_uri
-            out = archive.create_array(scan_id, f"recon/{method}", (depth, h, w), np.float32, slab=slab, attrs=attrs)
+            out = archive.create_array(
+                scan_id, f"recon/{method}", (depth, h, w), np.float32, slab=slab, attrs=attrs
+            )
             for z0 in range(0, depth, slab):
                 y = measurement_slab(archive, scan_id, name, z0, z0 + slab)
                 if method == LEARNED:
                     assert self.model is not None
-                    out[z0 : z0 + y.shape[0]] = reconstruct_slices(self.model, y.numpy(), archive.read_array(scan_id, "mask"))
+                    out[z0 : z0 + y.shape[0]] = reconstruct_slices(
+                        self.model, y.numpy(), archive.read_array(scan_id, "mask")
+                    )
                 else:
                     out[z0 : z0 + y.shape[0]] = classical_slab(method, y, op)
         return {"methods": self.methods}
 
     def process(self, scan_id: str) -> ScanOutcome:
         return process_scan(
-            self.archive, "recon", scan_id, self.fingerprint, self.reconstruct_scan,
+            self.archive,
+            "recon",
+            scan_id,
+            self.fingerprint,
+            self.reconstruct_scan,
             [f"recon/{m}" for m in self.methods],
         )
 
@@ -131,7 +139,9 @@ def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageRe
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # ray.data sets its own levels on import
     model_uri = stage.model_uri or ctx.upstream.get("train", {}).get("model_uri")
     if LEARNED in stage.methods and model_uri is None:
-        raise StageError("recon: method 'learned' needs a model: the train stage recorded none and recon.model_uri is unset")
+        raise StageError(
+            "recon: method 'learned' needs a model: the train stage recorded none and recon.model_uri is unset"
+        )
     failed_sim = set(ctx.archive.quarantined("simulate"))  # nothing to reconstruct for those
     ids = [s for s in ctx.archive.scans(stage.split) if s not in failed_sim]
     data_ctx = ray.data.DataContext.get_current()
@@ -139,8 +149,11 @@ def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageRe
     ds = ray.data.from_items([{"scan_id": s} for s in ids]).map_batches(
         Reconstructor,
         fn_constructor_kwargs={
-            "archive_uri": ctx.archive.uri, "storage_options": ctx.archive.storage_options,
-            "methods": stage.methods, "fingerprint": fingerprint, "model_uri": model_uri,
+            "archive_uri": ctx.archive.uri,
+            "storage_options": ctx.archive.storage_options,
+            "methods": stage.methods,
+            "fingerprint": fingerprint,
+            "model_uri": model_uri,
             "tracking_uri": ctx.tracking_uri,
         },
         batch_size=1,
@@ -151,6 +164,10 @@ def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageRe
     with progress_bar(ctx.console) as progress:
         bar = progress.add_task(f"reconstruct ({', '.join(stage.methods)})", total=len(ids))
         for row in ds.iter_rows():
-            outcomes.append(ScanOutcome(str(row["scan_id"]), str(row["status"]), float(row["seconds"]), str(row["error"]) or None))
+            outcomes.append(
+                ScanOutcome(
+                    str(row["scan_id"]), str(row["status"]), float(row["seconds"]), str(row["error"]) or None
+                )
+            )
             progress.advance(bar)
     return summarise(outcomes, {"methods": stage.methods, "model_uri": model_uri, "scans": ids})

@@ -97,7 +97,9 @@ def ensure_ray(spec: PipelineSpec, verbose: bool = False) -> bool:
     }
     address = spec.ray.address or Settings().ray_address
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=verbose)
+        ray.init(
+            address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=verbose
+        )
     else:
         ray.init(
             address="local",
@@ -110,7 +112,9 @@ def ensure_ray(spec: PipelineSpec, verbose: bool = False) -> bool:
     return True
 
 
-def run_pipeline(spec: PipelineSpec, console: Console | None = None, *, verbose: bool = False) -> PipelineResult:
+def run_pipeline(
+    spec: PipelineSpec, console: Console | None = None, *, verbose: bool = False
+) -> PipelineResult:
     """Run every stage of ``spec`` (see the module docstring); raise on a failed stage."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -126,12 +130,26 @@ def run_pipeline(spec: PipelineSpec, console: Console | None = None, *, verbose:
         upstream_fp = stage_fingerprint(stage, upstream_fp, spec.seed)
         fingerprints[stage.kind] = upstream_fp
     run_id = start_pipeline_run(
-        tracking_uri, spec.tracking.experiment, spec.name, upstream_fp,
-        {"medrecon.pipeline": spec.name, "medrecon.code_version": code_version(), "medrecon.archive": archive.uri},
+        tracking_uri,
+        spec.tracking.experiment,
+        spec.name,
+        upstream_fp,
+        {
+            "medrecon.pipeline": spec.name,
+            "medrecon.code_version": code_version(),
+            "medrecon.archive": archive.uri,
+        },
     )
     tracker = MlflowTracker(tracking_uri, run_id)
-    tracker.log_params({"pipeline.seed": spec.seed, "pipeline.spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True)})
-    console.print(f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, MLflow run {run_id} at {tracking_uri}")
+    tracker.log_params(
+        {
+            "pipeline.seed": spec.seed,
+            "pipeline.spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+        }
+    )
+    console.print(
+        f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, MLflow run {run_id} at {tracking_uri}"
+    )
 
     started = ensure_ray(spec, verbose)
     stage_fns = _stages()
@@ -157,7 +175,9 @@ def run_pipeline(spec: PipelineSpec, console: Console | None = None, *, verbose:
             archive.commit_stage(stage.kind, fp, result.outputs, complete=not result.failed)
             upstream[stage.kind] = result.outputs
             tracker.log_metrics({f"stage_seconds/{stage.kind}": seconds})
-            reports.append(StageReport(stage.kind, "ran", seconds, fp, result.done, result.skipped, result.failed))
+            reports.append(
+                StageReport(stage.kind, "ran", seconds, fp, result.done, result.skipped, result.failed)
+            )
             for scan_id, error in result.failed.items():
                 console.print(f"[yellow]{stage.kind}: scan {scan_id} quarantined: {error}[/]")
         finish_run(tracking_uri, run_id, "FINISHED")

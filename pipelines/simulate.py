@@ -66,7 +66,13 @@ def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out
 
     depth, h, w = image.shape
     slab = stage.slab or depth
-    mask = make_mask(stage.mask.kind, (h, w), stage.mask.acceleration, stage.mask.center_fraction, scan_seed(seed, scan_id, "mask"))
+    mask = make_mask(
+        stage.mask.kind,
+        (h, w),
+        stage.mask.acceleration,
+        stage.mask.center_fraction,
+        scan_seed(seed, scan_id, "mask"),
+    )
     mask_f = mask.to(torch.float32)
     maps = birdcage_maps((h, w), stage.coils) if stage.coils > 1 else None
     op = mri_operator(mask_f, maps)
@@ -74,7 +80,9 @@ def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out
     # noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is ‖x‖ / sqrt(C · N) and so
     # comes from the image in one cheap pass; operators.noise.kspace_noise instead takes the RMS of
     # the sampled entries of one array, which would differ from slab to slab.
-    energy = sum(float(np.sum(np.asarray(image[z : z + slab], dtype=np.float64) ** 2)) for z in range(0, depth, slab))
+    energy = sum(
+        float(np.sum(np.asarray(image[z : z + slab], dtype=np.float64) ** 2)) for z in range(0, depth, slab)
+    )
     rms = float(np.sqrt(energy / (stage.coils * image.size)))
     sigma = 0.0 if stage.snr_db is None else sigma_for_snr(rms, stage.snr_db)
     for z0 in range(0, depth, slab):
@@ -82,8 +90,13 @@ def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out
         y = op.forward(x)  # (s, H, W) single coil or (s, C, H, W)
         y = y.reshape(x.shape[0], stage.coils, h, w).transpose(0, 1)  # (C, s, H, W)
         if sigma > 0:
-            noise = torch.stack([_noise((stage.coils, h, w), sigma, scan_seed(seed, scan_id, f"noise/{z0 + i}"))
-                                 for i in range(x.shape[0])], dim=1)  # (C, s, H, W)
+            noise = torch.stack(
+                [
+                    _noise((stage.coils, h, w), sigma, scan_seed(seed, scan_id, f"noise/{z0 + i}"))
+                    for i in range(x.shape[0])
+                ],
+                dim=1,
+            )  # (C, s, H, W)
             y = y + noise * mask_f
         if out is not None:
             out[:, z0 : z0 + x.shape[0]] = y.to(torch.complex64).numpy()
@@ -91,7 +104,12 @@ def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out
 
 
 def simulate_mri_volume(
-    image: np.ndarray, mask_spec: MaskSpec, snr_db: float | None, seed: int, scan_id: str = "scan", coils: int = 1
+    image: np.ndarray,
+    mask_spec: MaskSpec,
+    snr_db: float | None,
+    seed: int,
+    scan_id: str = "scan",
+    coils: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """In-memory MRI simulation of a volume ``(D, H, W)``: ``(kspace (C, D, H, W), mask (H, W))``."""
     if image.ndim != 3:
@@ -117,7 +135,16 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
                              "image_shape": [h, w]}  # fmt: skip
     if stage.modality == "mri":
         attrs |= {"mask": stage.mask.model_dump(), "coils": stage.coils, "snr_db": stage.snr_db}
-        out = archive.create_array(scan_id, "kspace", (stage.coils, depth, h, w), np.complex64, slab=slab, slab_axis=1, attrs=attrs, compress=False)
+        out = archive.create_array(
+            scan_id,
+            "kspace",
+            (stage.coils, depth, h, w),
+            np.complex64,
+            slab=slab,
+            slab_axis=1,
+            attrs=attrs,
+            compress=False,
+        )
         mask, maps, sigma = _simulate_mri(image, stage, scan_id, seed, out)
         archive.write_array(scan_id, "mask", mask.numpy().astype(bool), attrs)
         if maps is not None:
@@ -126,7 +153,9 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
     ct = stage.ct_spec
     op = ct_operator(ct, (h, w))
     attrs |= {"ct": ct.model_dump(), "angles": op.angles.tolist()}
-    out = archive.create_array(scan_id, "sinogram", (depth, *op.out_shape), np.float32, slab=slab, attrs=attrs)
+    out = archive.create_array(
+        scan_id, "sinogram", (depth, *op.out_shape), np.float32, slab=slab, attrs=attrs
+    )
     for z0 in range(0, depth, slab):
         x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
         p = op.forward(x)  # (s, views, detectors)
@@ -134,8 +163,12 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
             # Photons see the physical line integral μ·(A x); the stored sinogram stays in image units
             # (divided back by μ), so y = A x + noise and FBP returns the image scale.
             mu = ct.attenuation
-            p = torch.stack([low_dose_sinogram(mu * p[i], ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}")) / mu
-                             for i in range(p.shape[0])])
+            p = torch.stack(
+                [
+                    low_dose_sinogram(mu * p[i], ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}")) / mu
+                    for i in range(p.shape[0])
+                ]
+            )
         out[z0 : z0 + x.shape[0]] = p.numpy().astype(np.float32)
     return {"views": ct.views, "i0": ct.i0}
 
@@ -144,8 +177,15 @@ def run_simulate(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> S
     ids = ctx.archive.scans("all")
     outputs = ["mask", "kspace", "coil_maps"] if stage.modality == "mri" else ["sinogram"]
     outcomes = fan_out(
-        ctx.archive, "simulate", ids, fingerprint, simulate_scan, outputs,
-        {"stage": stage, "seed": ctx.spec.seed}, num_cpus=stage.num_cpus, console=ctx.console,
+        ctx.archive,
+        "simulate",
+        ids,
+        fingerprint,
+        simulate_scan,
+        outputs,
+        {"stage": stage, "seed": ctx.spec.seed},
+        num_cpus=stage.num_cpus,
+        console=ctx.console,
         description=f"simulate {'k-space' if stage.modality == 'mri' else 'sinograms'}",
     )
     return summarise(outcomes, {"modality": stage.modality})

@@ -94,7 +94,9 @@ class TrackingSpec(Spec):
 
     uri: str | None = None
     experiment: str = "medrecon"
-    registered_model: str | None = Field(default=None, description="registry name; default '<pipeline name>-model'")
+    registered_model: str | None = Field(
+        default=None, description="registry name; default '<pipeline name>-model'"
+    )
 
 
 class RaySpec(Spec):
@@ -160,13 +162,25 @@ class CTSpec(Spec):
 
     geometry: Literal["parallel", "fan"] = "parallel"
     views: int = Field(default=180, ge=1, description="number of projection angles (sparse view: fewer)")
-    arc_degrees: float | None = Field(default=None, gt=0, le=360, description="default 180 (parallel), 360 (fan)")
-    detectors: int | None = Field(default=None, ge=1, description="default: image width (parallel), 1.5x (fan)")
-    source_distance: float = Field(default=2.0, gt=0, description="fan beam: source to centre, in image widths")
-    detector_distance: float = Field(default=1.0, gt=0, description="fan beam: centre to detector, in image widths")
-    i0: float | None = Field(default=None, gt=0, description="photons per ray for low-dose noise; null: noiseless")
+    arc_degrees: float | None = Field(
+        default=None, gt=0, le=360, description="default 180 (parallel), 360 (fan)"
+    )
+    detectors: int | None = Field(
+        default=None, ge=1, description="default: image width (parallel), 1.5x (fan)"
+    )
+    source_distance: float = Field(
+        default=2.0, gt=0, description="fan beam: source to centre, in image widths"
+    )
+    detector_distance: float = Field(
+        default=1.0, gt=0, description="fan beam: centre to detector, in image widths"
+    )
+    i0: float | None = Field(
+        default=None, gt=0, description="photons per ray for low-dose noise; null: noiseless"
+    )
     attenuation: float = Field(
-        default=0.02, gt=0, description="attenuation (1/pixel) of unit image intensity: photons see exp(-attenuation·Ax)"
+        default=0.02,
+        gt=0,
+        description="attenuation (1/pixel) of unit image intensity: photons see exp(-attenuation·Ax)",
     )
 
 
@@ -229,7 +243,9 @@ class ReconStage(Spec):
 
     kind: Literal["recon"]
     methods: list[str] = Field(default_factory=lambda: ["zero_filled", LEARNED], min_length=1)
-    model_uri: str | None = Field(default=None, description="models:/NAME/VERSION; default: this pipeline's trained model")
+    model_uri: str | None = Field(
+        default=None, description="models:/NAME/VERSION; default: this pipeline's trained model"
+    )
     split: Literal["train", "val", "test", "all"] = "test"
     actors: int = Field(default=2, ge=1)
     cpus_per_actor: float = Field(default=0.5, gt=0)
@@ -251,10 +267,14 @@ class EvaluateStage(Spec):
 
     kind: Literal["evaluate"]
     metrics: list[Literal["psnr", "ssim", "nmse"]] = Field(default_factory=lambda: ["psnr", "ssim", "nmse"])
-    figure_slice: int | None = Field(default=None, description="slice index for the figure; default the middle")
+    figure_slice: int | None = Field(
+        default=None, description="slice index for the figure; default the middle"
+    )
 
 
-Stage = Annotated[PhantomStage | SimulateStage | TrainStage | ReconStage | EvaluateStage, Field(discriminator="kind")]
+Stage = Annotated[
+    PhantomStage | SimulateStage | TrainStage | ReconStage | EvaluateStage, Field(discriminator="kind")
+]
 
 _ORDER = ["phantoms", "simulate", "train", "recon", "evaluate"]
 
@@ -273,7 +293,9 @@ class PipelineSpec(Spec):
     @classmethod
     def _name_is_id(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"must match [A-Za-z0-9._-]+ (it names MLflow experiments and models), found {v!r}")
+            raise ValueError(
+                f"must match [A-Za-z0-9._-]+ (it names MLflow experiments and models), found {v!r}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -298,7 +320,12 @@ class PipelineSpec(Spec):
                     f"recon methods {wrong} do not apply to modality {sim.modality!r}; "
                     f"expected any of {list(METHODS_BY_MODALITY[sim.modality])}"
                 )
-        if recon is not None and LEARNED in recon.methods and recon.model_uri is None and "train" not in kinds:
+        if (
+            recon is not None
+            and LEARNED in recon.methods
+            and recon.model_uri is None
+            and "train" not in kinds
+        ):
             raise ValueError(
                 "recon method 'learned' needs a model: add a train stage or set recon.model_uri "
                 "(e.g. models:/NAME/VERSION)"
@@ -366,10 +393,18 @@ def _loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     node: Any = raw
     for part in loc:
         if isinstance(part, int):
-            kind = node[part].get("kind") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None
+            kind = (
+                node[part].get("kind")
+                if isinstance(node, list) and part < len(node) and isinstance(node[part], dict)
+                else None
+            )
             out[-1] = f"{out[-1]}[{part}]" + (f" ({kind})" if kind else "")
             node = node[part] if isinstance(node, list) and part < len(node) else None
-        elif part in ("phantoms", "simulate", "train", "recon", "evaluate") and out and out[-1].startswith("stages["):
+        elif (
+            part in ("phantoms", "simulate", "train", "recon", "evaluate")
+            and out
+            and out[-1].startswith("stages[")
+        ):
             continue  # pydantic's discriminator tag; the kind is already shown
         else:
             out.append(str(part))
@@ -379,7 +414,9 @@ def _loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
 
 def format_validation_error(err: ValidationError, raw: dict[str, Any], source: str) -> str:
     """One readable message per problem: file, field, what was expected, what was found."""
-    lines = [f"{source}: invalid pipeline spec ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    lines = [
+        f"{source}: invalid pipeline spec ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"
+    ]
     for e in err.errors():
         where = _loc(tuple(e["loc"]), raw)
         kind = e["type"]
@@ -388,7 +425,11 @@ def format_validation_error(err: ValidationError, raw: dict[str, Any], source: s
         elif kind == "missing":
             msg = "is required but missing"
         elif kind == "union_tag_invalid":
-            msg = f"unknown stage kind {e['input'].get('kind')!r}; expected one of {_ORDER}" if isinstance(e["input"], dict) else e["msg"]
+            msg = (
+                f"unknown stage kind {e['input'].get('kind')!r}; expected one of {_ORDER}"
+                if isinstance(e["input"], dict)
+                else e["msg"]
+            )
         else:
             found = e.get("input")
             msg = f"{e['msg'].removeprefix('Value error, ')}" + (
@@ -402,7 +443,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineS
     """Read, override and validate a pipeline file; every problem becomes one :class:`SpecError`."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: pipeline file not found (expected a YAML file, e.g. pipelines/specs/quickstart.yaml)")
+        raise SpecError(
+            f"{path}: pipeline file not found (expected a YAML file, e.g. pipelines/specs/quickstart.yaml)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

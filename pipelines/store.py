@@ -70,7 +70,12 @@ def validate_scan_id(scan_id: str) -> str:
     A scan ID is 1-128 characters of ``[A-Za-z0-9._-]`` and not ``.`` or ``..``, so it can
     never climb out of ``scans/`` (``../etc``) or name a hidden meta folder.
     """
-    if not isinstance(scan_id, str) or not _SCAN_ID.match(scan_id) or scan_id in (".", "..") or scan_id.startswith("_"):
+    if (
+        not isinstance(scan_id, str)
+        or not _SCAN_ID.match(scan_id)
+        or scan_id in (".", "..")
+        or scan_id.startswith("_")
+    ):
         raise ScanIdError(
             f"invalid scan ID {scan_id!r}: expected 1-128 characters of [A-Za-z0-9._-], "
             "not '.', '..' or starting with '_'"
@@ -100,7 +105,9 @@ def checksum(array: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def chunk_layout(shape: tuple[int, ...], itemsize: int, target_chunk_bytes: int = 1 << 20) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def chunk_layout(
+    shape: tuple[int, ...], itemsize: int, target_chunk_bytes: int = 1 << 20
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Chunks and shards for an array whose first axis (after coils) is the slice axis.
 
     Chunks are whole slices stacked to about ``target_chunk_bytes`` along the first
@@ -125,11 +132,15 @@ class Archive:
         create: create the root group if missing; otherwise a missing archive is an error.
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, create: bool = False) -> None:
+    def __init__(
+        self, uri: str, storage_options: dict[str, Any] | None = None, *, create: bool = False
+    ) -> None:
         self.storage_options = dict(storage_options or {})
         self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
         self.root = root.rstrip("/")
-        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.is_local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
         self.uri = os.path.abspath(self.root) if self.is_local else uri.rstrip("/")
         if self.is_local:
             self.root = self.uri
@@ -160,13 +171,17 @@ class Archive:
     @staticmethod
     def _check_name(name: str) -> str:
         if not _ARRAY_NAME.match(name):
-            raise ArchiveError(f"invalid array name {name!r}: expected 'name' or 'group/name' of [A-Za-z0-9_.-]")
+            raise ArchiveError(
+                f"invalid array name {name!r}: expected 'name' or 'group/name' of [A-Za-z0-9_.-]"
+            )
         return name
 
     def _array_path(self, scan_id: str, name: str) -> str:
         return f"scans/{validate_scan_id(scan_id)}/{self._check_name(name)}"
 
-    def write_array(self, scan_id: str, name: str, data: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+    def write_array(
+        self, scan_id: str, name: str, data: np.ndarray, attrs: dict[str, Any] | None = None
+    ) -> None:
         """Write ``data`` as ``scans/<scan_id>/<name>`` (replacing it), sharded one shard per array."""
         data = np.asarray(data)
         per_slice = data.shape[1:] if data.ndim == 4 else data.shape
@@ -235,7 +250,9 @@ class Archive:
         try:
             return zarr.open_array(self._zarr_store(), path=path, mode="r")
         except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError) as exc:
-            raise ArchiveError(f"scan {scan_id!r}: array '{name}' not found in archive {self.uri} ({path})") from exc
+            raise ArchiveError(
+                f"scan {scan_id!r}: array '{name}' not found in archive {self.uri} ({path})"
+            ) from exc
 
     def read_array(self, scan_id: str, name: str) -> np.ndarray:
         """Read the whole array ``scans/<scan_id>/<name>``."""
@@ -287,13 +304,20 @@ class Archive:
     def uncommit(self, stage: str, scan_id: str) -> None:
         self._clear(self._path("_meta", "commits", stage, f"{validate_scan_id(scan_id)}.json"))
 
-    def commit_stage(self, stage: str, fingerprint: str, outputs: dict[str, Any] | None = None, *, complete: bool = True) -> None:
+    def commit_stage(
+        self, stage: str, fingerprint: str, outputs: dict[str, Any] | None = None, *, complete: bool = True
+    ) -> None:
         """Record a stage's run with what later stages need (e.g. a model URI).
 
         ``complete`` is False when some scans failed: a re-run then redoes the stage,
         which skips the committed scans and retries the failed ones.
         """
-        payload = {"fingerprint": fingerprint, "time": time.time(), "complete": complete, "outputs": outputs or {}}
+        payload = {
+            "fingerprint": fingerprint,
+            "time": time.time(),
+            "complete": complete,
+            "outputs": outputs or {},
+        }
         self._write_json(self._path("_meta", "stages", f"{stage}.json"), payload)
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
@@ -304,7 +328,10 @@ class Archive:
 
     def quarantine(self, stage: str, scan_id: str, error: str) -> None:
         """Record that ``scan_id`` failed ``stage`` with ``error``; the batch goes on."""
-        self._write_json(self._path("_meta", "quarantine", stage, f"{validate_scan_id(scan_id)}.json"), {"error": error, "time": time.time()})
+        self._write_json(
+            self._path("_meta", "quarantine", stage, f"{validate_scan_id(scan_id)}.json"),
+            {"error": error, "time": time.time()},
+        )
 
     def quarantined(self, stage: str) -> dict[str, str]:
         """``{scan_id: error}`` of the scans quarantined by ``stage``."""
@@ -328,7 +355,8 @@ class Archive:
         for r in rows:
             validate_scan_id(r.scan_id)
         table = pa.Table.from_pylist(
-            [{**r.__dict__, "shape": list(r.shape), "spacing": list(r.spacing)} for r in rows], schema=CATALOG_SCHEMA
+            [{**r.__dict__, "shape": list(r.shape), "spacing": list(r.spacing)} for r in rows],
+            schema=CATALOG_SCHEMA,
         )
         tmp = self._path(f"catalog.{uuid.uuid4().hex}.parquet")
         with self.fs.open(tmp, "wb") as f:
@@ -339,7 +367,9 @@ class Archive:
         """All rows of ``catalog.parquet``; a clear error when it is missing."""
         path = self._path("catalog.parquet")
         if not self.fs.exists(path):
-            raise ArchiveError(f"archive {self.uri} has no catalog.parquet; run a phantoms or ingest stage first")
+            raise ArchiveError(
+                f"archive {self.uri} has no catalog.parquet; run a phantoms or ingest stage first"
+            )
         with self.fs.open(path, "rb") as f:
             table = pq.read_table(f, schema=CATALOG_SCHEMA)
         return [
@@ -349,4 +379,6 @@ class Archive:
 
     def scans(self, split: str = "all") -> list[str]:
         """Scan IDs of ``split`` ("train", "val", "test" or "all") with status ok, in catalog order."""
-        return [r.scan_id for r in self.catalog() if r.status == "ok" and (split == "all" or r.split == split)]
+        return [
+            r.scan_id for r in self.catalog() if r.status == "ok" and (split == "all" or r.split == split)
+        ]

@@ -17,7 +17,14 @@ from typing import Any, Protocol
 
 from pipelines.errors import TrackingError
 
-__all__ = ["Tracker", "MlflowTracker", "resolve_tracking_uri", "start_pipeline_run", "register_model", "load_model_uri"]
+__all__ = [
+    "Tracker",
+    "MlflowTracker",
+    "resolve_tracking_uri",
+    "start_pipeline_run",
+    "register_model",
+    "load_model_uri",
+]
 
 MODEL_ARTIFACT = "model"
 
@@ -119,7 +126,9 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-def start_pipeline_run(uri: str, experiment: str, run_name: str, fingerprint: str, tags: dict[str, str]) -> str:
+def start_pipeline_run(
+    uri: str, experiment: str, run_name: str, fingerprint: str, tags: dict[str, str]
+) -> str:
     """Return the ID of this pipeline's MLflow run, creating it if needed.
 
     Re-running the same spec resumes the run tagged with the same pipeline fingerprint,
@@ -128,7 +137,11 @@ def start_pipeline_run(uri: str, experiment: str, run_name: str, fingerprint: st
     try:
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+        )
         found = client.search_runs(
             [exp_id], filter_string=f"tags.`medrecon.fingerprint` = '{fingerprint}'", max_results=1
         )
@@ -139,7 +152,9 @@ def start_pipeline_run(uri: str, experiment: str, run_name: str, fingerprint: st
         run = client.create_run(exp_id, run_name=run_name, tags={"medrecon.fingerprint": fingerprint, **tags})
         return run.info.run_id
     except Exception as exc:  # MLflow raises many types; name the URI in one clear error
-        raise TrackingError(f"could not start an MLflow run at {uri!r} (experiment {experiment!r}): {exc}") from exc
+        raise TrackingError(
+            f"could not start an MLflow run at {uri!r} (experiment {experiment!r}): {exc}"
+        ) from exc
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -152,10 +167,14 @@ def register_model(uri: str, name: str, run_id: str) -> str:
     try:
         client.get_registered_model(name)
     except Exception:
-        client.create_registered_model(name, description="medrecon model: model.json (architecture) + weights.safetensors")
+        client.create_registered_model(
+            name, description="medrecon model: model.json (architecture) + weights.safetensors"
+        )
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={"medrecon.format": "spec+safetensors"})
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags={"medrecon.format": "spec+safetensors"}
+    )
     return f"models:/{name}/{version.version}"
 
 

@@ -67,7 +67,9 @@ class SliceDataset:
             shapes.add(tuple(shape[2:]))
             self.index.extend((sid, d) for d in range(shape[1]))
         if len(shapes) > 1:
-            raise StageError(f"training slices must share one (H, W); found {sorted(shapes)} across {self.scan_ids}")
+            raise StageError(
+                f"training slices must share one (H, W); found {sorted(shapes)} across {self.scan_ids}"
+            )
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_scans = cache_scans
 
@@ -100,7 +102,9 @@ class SliceDataset:
 
 
 @torch.no_grad()
-def reconstruct_slices(model: torch.nn.Module, kspace: np.ndarray, mask: np.ndarray, batch: int = 8) -> np.ndarray:
+def reconstruct_slices(
+    model: torch.nn.Module, kspace: np.ndarray, mask: np.ndarray, batch: int = 8
+) -> np.ndarray:
     """Magnitude reconstruction ``(D, H, W)`` of single-coil k-space ``(D, H, W)`` with ``model(y, op)``."""
     out = []
     m = torch.from_numpy(mask.astype(np.float32))
@@ -116,7 +120,9 @@ def _loss(x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     return diff.abs().mean() if kind == "l1" else (diff.abs() ** 2).mean()
 
 
-def _save_checkpoint(directory: str, model: torch.nn.Module, job: TrainJob, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+def _save_checkpoint(
+    directory: str, model: torch.nn.Module, job: TrainJob, optimizer: torch.optim.Optimizer, epoch: int
+) -> None:
     save_model(model, job.stage.model.name, job.stage.model.kwargs, directory)
     torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
     with open(os.path.join(directory, "state.json"), "w") as f:
@@ -169,7 +175,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             losses.append(loss.item())
             if tracker is not None and step % 10 == 0:
                 tracker.log_metrics({"train/progress": (epoch * steps_per_epoch + step + 1) / total_steps})
-        metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - t0}
+        metrics: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "epoch_seconds": time.perf_counter() - t0,
+        }
         if rank == 0:
             model.eval()
             scores = []
@@ -184,7 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save_checkpoint(d, model, job, optimizer, epoch)
                 assert tracker is not None
                 tracker.log_metrics(
-                    {f"train/{k}": v for k, v in metrics.items()} | {"train/progress": (epoch + 1) / job.stage.epochs},
+                    {f"train/{k}": v for k, v in metrics.items()}
+                    | {"train/progress": (epoch + 1) / job.stage.epochs},
                     step=epoch,
                 )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -210,18 +221,27 @@ def run_train(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageRe
     train_ids = [s for s in ctx.archive.scans("train") if s in committed]
     val_ids = [s for s in ctx.archive.scans("val") if s in committed]
     if not train_ids:
-        raise StageError("train: no simulated training scans in the archive; the simulate stage must run first")
+        raise StageError(
+            "train: no simulated training scans in the archive; the simulate stage must run first"
+        )
     job = TrainJob(
-        stage=stage, archive_uri=ctx.archive.uri, storage_options=ctx.archive.storage_options,
-        tracking_uri=ctx.tracking_uri, run_id=ctx.tracker.run_id, seed=ctx.spec.seed,
-        train_ids=train_ids, val_ids=val_ids,
+        stage=stage,
+        archive_uri=ctx.archive.uri,
+        storage_options=ctx.archive.storage_options,
+        tracking_uri=ctx.tracking_uri,
+        run_id=ctx.tracker.run_id,
+        seed=ctx.spec.seed,
+        train_ids=train_ids,
+        val_ids=val_ids,
     )
     use_gpu = stage.gpus_per_worker > 0
     resources = {"CPU": 1.0, **({"GPU": stage.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=f"{ctx.spec.name}-train-{fingerprint}",
             storage_path=_storage_path(ctx.archive),

@@ -22,7 +22,9 @@ from operators.linear import LinearOperator, complex_dtype_for, inner
 __all__ = ["check_linear_operator", "random_input", "adjoint_error"]
 
 
-def random_input(shape: tuple[int, ...], is_complex: bool, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+def random_input(
+    shape: tuple[int, ...], is_complex: bool, dtype: torch.dtype, g: torch.Generator
+) -> torch.Tensor:
     """A standard-normal tensor of ``shape``, complex when ``is_complex``."""
     x = torch.randn(shape, generator=g, dtype=dtype)
     if is_complex:
@@ -30,7 +32,9 @@ def random_input(shape: tuple[int, ...], is_complex: bool, dtype: torch.dtype, g
     return x
 
 
-def adjoint_error(op: LinearOperator, seed: int = 0, dtype: torch.dtype = torch.float64, batch: tuple[int, ...] = ()) -> float:
+def adjoint_error(
+    op: LinearOperator, seed: int = 0, dtype: torch.dtype = torch.float64, batch: tuple[int, ...] = ()
+) -> float:
     """The normalised dot-product error ``|<Ax,y> - <x,Aᴴy>| / (‖A‖‖x‖‖y‖)``."""
     g = torch.Generator().manual_seed(seed)
     x = random_input(batch + op.in_shape, op.complex_in, dtype, g)
@@ -41,7 +45,9 @@ def adjoint_error(op: LinearOperator, seed: int = 0, dtype: torch.dtype = torch.
     return float(torch.abs(lhs - rhs) / scale)
 
 
-def check_linear_operator(op: LinearOperator, *, seed: int = 0, tol: float = 1e-5, dtype: torch.dtype = torch.float64) -> None:
+def check_linear_operator(
+    op: LinearOperator, *, seed: int = 0, tol: float = 1e-5, dtype: torch.dtype = torch.float64
+) -> None:
     """Assert the operator contract for ``op`` (which must already hold ``dtype`` tensors)."""
     rng_before = torch.get_rng_state()
     g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,9 @@ def tiny_spec(root: Path, **changes) -> PipelineSpec:
     raw["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "tiny"}
     stages = {s["kind"]: s for s in raw["stages"]}
     stages["phantoms"].update(n_scans=6, shape=[8, 48, 48], split={"train": 3, "val": 1, "test": 2})
-    stages["train"].update(epochs=2, batch_size=4, model={"name": "unrolled_gd", "kwargs": {"n_iter": 2, "features": 8}})
+    stages["train"].update(
+        epochs=2, batch_size=4, model={"name": "unrolled_gd", "kwargs": {"n_iter": 2, "features": 8}}
+    )
     for kind, fields in changes.items():
         stages[kind].update(fields)
     return PipelineSpec.model_validate(raw)
@@ -44,7 +46,11 @@ def first_run(ray_session, tmp_path_factory):
 def test_every_stage_ran_and_metrics_reached_mlflow(first_run):
     root, spec, result = first_run
     assert [(r.kind, r.status) for r in result.stages] == [
-        ("phantoms", "ran"), ("simulate", "ran"), ("train", "ran"), ("recon", "ran"), ("evaluate", "ran"),
+        ("phantoms", "ran"),
+        ("simulate", "ran"),
+        ("train", "ran"),
+        ("recon", "ran"),
+        ("evaluate", "ran"),
     ]
     assert all(not r.failed for r in result.stages)
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
@@ -55,7 +61,9 @@ def test_every_stage_ran_and_metrics_reached_mlflow(first_run):
     assert 15 < run.data.metrics["zero_filled/psnr"] < 40
     assert 0 < run.data.metrics["zero_filled/ssim"] < 1
     assert "train/train_loss" in run.data.metrics and "train/val_psnr" in run.data.metrics
-    artifacts = {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "evaluation")}
+    artifacts = {
+        a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "evaluation")
+    }
     assert "evaluation/per_scan_metrics.parquet" in artifacts
     assert any(p.endswith("_comparison.png") for p in artifacts)
 
@@ -107,7 +115,11 @@ def test_changing_one_stage_redoes_it_and_the_stages_after(first_run):
     changed = tiny_spec(root, recon={"methods": ["zero_filled"]})
     out = run_pipeline(changed, Console(quiet=True))
     assert [(r.kind, r.status) for r in out.stages] == [
-        ("phantoms", "skipped"), ("simulate", "skipped"), ("train", "skipped"), ("recon", "ran"), ("evaluate", "ran"),
+        ("phantoms", "skipped"),
+        ("simulate", "skipped"),
+        ("train", "skipped"),
+        ("recon", "ran"),
+        ("evaluate", "ran"),
     ]
     assert set(out.metrics) == {"zero_filled"}
     assert out.metrics["zero_filled"]["psnr"] == pytest.approx(result.metrics["zero_filled"]["psnr"])
@@ -125,9 +137,15 @@ def test_half_written_archive_redoes_only_the_uncommitted_scan(first_run):
     archive.uncommit_stage("simulate")
     kspace_dir = lambda s: root / "archive" / "scans" / s / "kspace"  # noqa: E731
     before = {s: os.stat(next(kspace_dir(s).rglob("c/*"))).st_mtime_ns for s in others}
-    partial = PipelineSpec.model_validate({**spec.model_dump(mode="json"), "stages": [
-        spec.stage("phantoms").model_dump(mode="json"), spec.stage("simulate").model_dump(mode="json"),
-    ]})
+    partial = PipelineSpec.model_validate(
+        {
+            **spec.model_dump(mode="json"),
+            "stages": [
+                spec.stage("phantoms").model_dump(mode="json"),
+                spec.stage("simulate").model_dump(mode="json"),
+            ],
+        }
+    )
     out = run_pipeline(partial, Console(quiet=True))
     sim = out.stages[1]
     assert (sim.status, sim.done, sim.skipped) == ("ran", 1, len(others))

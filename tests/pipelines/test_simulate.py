@@ -33,7 +33,9 @@ def test_ct_parallel_noiseless_equals_the_projector(archive):
     sino = archive.read_array("s0", "sinogram")
     op = ct_operator(stage.ct_spec, SHAPE[1:])
     assert sino.shape == (SHAPE[0], 30, 48) and sino.dtype == np.float32
-    np.testing.assert_allclose(sino, op.forward(torch.from_numpy(archive.read_array("s0", "image"))).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        sino, op.forward(torch.from_numpy(archive.read_array("s0", "image"))).numpy(), rtol=1e-5, atol=1e-5
+    )
     assert archive.open_array("s0", "sinogram").attrs["ct"]["views"] == 30
 
 
@@ -106,7 +108,8 @@ def test_bad_simulation_settings_are_spec_errors(fields, message):
 
 def test_ct_pipeline_refuses_learned_and_zero_filled():
     raw = {
-        "name": "ct", "archive": {"path": "x"},
+        "name": "ct",
+        "archive": {"path": "x"},
         "stages": [
             {"kind": "phantoms", "n_scans": 2, "shape": [8, 16, 16], "split": {"train": 1, "test": 1}},
             {"kind": "simulate", "modality": "ct"},

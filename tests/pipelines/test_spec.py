@@ -31,7 +31,9 @@ def test_quickstart_spec_is_valid():
 def test_unknown_field_names_file_field_and_fix(tmp_path, raw):
     raw["stages"][2]["epochz"] = 3
     path = _write(tmp_path, raw)
-    with pytest.raises(SpecError, match=r"(?s)spec\.yaml.*stages\[2\] \(train\)\.epochz: unknown field 'epochz'"):
+    with pytest.raises(
+        SpecError, match=r"(?s)spec\.yaml.*stages\[2\] \(train\)\.epochz: unknown field 'epochz'"
+    ):
         load_spec(path)
 
 
@@ -81,7 +83,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_overrides_by_stage_kind_index_and_top_level(raw):
-    out = apply_overrides(raw, ["train.epochs=3", "stages.0.n_scans=4", "seed=7", "simulate.mask.acceleration=8"])
+    out = apply_overrides(
+        raw, ["train.epochs=3", "stages.0.n_scans=4", "seed=7", "simulate.mask.acceleration=8"]
+    )
     spec_raw = out
     assert spec_raw["stages"][2]["epochs"] == 3 and spec_raw["stages"][0]["n_scans"] == 4
     assert spec_raw["seed"] == 7 and spec_raw["stages"][1]["mask"]["acceleration"] == 8

@@ -47,14 +47,22 @@ def test_failed_scan_is_quarantined_leaves_nothing_and_others_go_on(archive):
     bad = archive.read_array("s1", "image")
     bad[1, 2, 3] = np.inf
     archive.write_array("s1", "image", bad)
-    outcomes = [process_scan(archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0})
-                for s in ("s0", "s1", "s2")]
+    outcomes = [
+        process_scan(
+            archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0}
+        )
+        for s in ("s0", "s1", "s2")
+    ]
     assert [o.status for o in outcomes] == ["done", "failed", "done"]
     assert "NonFiniteError" in outcomes[1].error and "1 NaN/Inf values in slices [1]" in outcomes[1].error
     assert not archive.has_array("s1", "kspace") and not archive.has_array("s1", "mask")
     assert archive.quarantined("simulate") == {"s1": outcomes[1].error}
-    again = [process_scan(archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0})
-             for s in ("s0", "s2")]
+    again = [
+        process_scan(
+            archive, "simulate", s, "fp", simulate_scan, ["mask", "kspace"], {"stage": STAGE, "seed": 0}
+        )
+        for s in ("s0", "s2")
+    ]
     assert [o.status for o in again] == ["skipped", "skipped"]
 
 
