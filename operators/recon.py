@@ -1,0 +1,274 @@
+"""Classical reconstructions selected by name: ``reconstruct("cs_tv", y, op)``.
+
+Pipeline specs name methods; :data:`METHODS` is the registry of those names, and each entry
+records its defaults. Every method takes measurements ``y`` ``(*batch, *op.out_shape)`` and a
+:class:`~operators.linear.LinearOperator` ``op`` and returns images ``(*batch, *op.in_shape)``,
+complex for MRI operators and real for CT. Batch items are reconstructed independently (each
+with its own regularisation weight), in one vectorised solve.
+
+Methods (``A = op``; ``λ`` from the relative weight ``lam``, see below):
+
+=============  ==========================================================  ===================
+name           problem                                                     solver
+=============  ==========================================================  ===================
+zero_filled    ``A⁺ y``: ``op.pseudo_inverse`` (zero-filled MRI, FBP CT),  direct
+               else ``Aᴴ y``
+fbp            filtered back-projection (CT operators only)                direct
+cg_sense       ``min ‖A x - y‖² + λ ‖x‖²``, i.e. ``(AᴴA + λI) x = Aᴴ y``    conjugate gradient
+cs_wavelet     ``min ½‖A x - y‖² + λ ‖W x‖₁`` (W: orthonormal wavelets,     FISTA
+               cycle-spun; the coarsest approximation band unpenalised)
+cs_tv          ``min ½‖A x - y‖² + λ TV(x)`` (isotropic, all image axes)    PDHG
+=============  ==========================================================  ===================
+
+``lam`` is relative, so one value suits data of any scale:
+
+* ``cg_sense``: ``λ = lam · ‖A‖²`` (default ``lam = 0.01``);
+* ``cs_wavelet``: ``λ = lam · ‖Aᴴ y‖∞`` per batch item (default ``lam = 0.005``);
+* ``cs_tv``: ``λ = lam · ‖Aᴴ y‖∞`` per batch item (default ``lam = 0.01``).
+
+The defaults were chosen on piecewise-constant 64² phantoms (single-coil and 8-coil MRI at 4x
+with a ``random_1d`` mask, parallel-beam CT with 30 views), noise-free and with 5% noise: each
+is within a few dB of that problem's best weight in every case. Noise-free data favour smaller
+weights (CT about 10x smaller for ``cs_tv`` and ``cs_wavelet``); noisier data larger ones.
+
+``cs_wavelet`` defaults to Haar wavelets, cycle-spun over ``2 x 2`` shifts
+(:class:`~operators.regularizers.WaveletL1` with ``shifts=2``): on piecewise-constant images
+this gains 10 dB and more over the plain decimated transform, for 4 transforms per iteration.
+
+Example:
+    >>> import torch
+    >>> from operators.linear import Identity
+    >>> result = reconstruct("cs_tv", torch.ones(8, 8), Identity((8, 8)), max_iter=20)
+    >>> result.image.shape, result.method
+    (torch.Size([8, 8]), 'cs_tv')
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from operators.errors import ParameterError
+from operators.linear import LinearOperator
+from operators.regularizers import (
+    WAVELETS,
+    FiniteDifference,
+    Wavelet2D,
+    WaveletL1,
+    WaveletName,
+    max_wavelet_levels,
+)
+from operators.solvers import FISTA, PDHG, ConjugateGradient, SolveResult, solve
+
+__all__ = ["METHODS", "Method", "ReconResult", "reconstruct"]
+
+Tensor = torch.Tensor
+
+#: Most wavelet levels chosen automatically (coarser bands add little for 64-512 pixel images).
+_AUTO_WAVELET_LEVELS = 4
+
+
+@dataclass(frozen=True, eq=False)
+class ReconResult:
+    """A reconstruction and how it went.
+
+    Attributes:
+        image: ``(*batch, *op.in_shape)``, complex for MRI operators, real for CT.
+        method: the method name.
+        iterations: solver steps (0 for direct methods).
+        residual: the solver's final relative residual (``nan`` for direct methods).
+        converged: the residual met ``tol`` (True for direct methods).
+        seconds: wall time, including step-size estimation.
+    """
+
+    image: Tensor
+    method: str
+    iterations: int
+    residual: float
+    converged: bool
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class _Options:
+    """The resolved options one method run receives."""
+
+    lam: float
+    max_iter: int
+    tol: float
+    wavelet: WaveletName
+    wavelet_levels: int | None
+    wavelet_shifts: int
+    fbp_filter: str
+    progress: Callable[[int, Any], None] | None
+
+
+Runner = Callable[[Tensor, LinearOperator, _Options], "Tensor | SolveResult[Any]"]
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    """A registered reconstruction method and its defaults.
+
+    Attributes:
+        name: the name specs use.
+        summary: one line on what it solves.
+        run: ``run(y, op, options)``: an image (direct methods) or a :class:`SolveResult`.
+        lam: default relative weight (``None``: the method has none).
+        max_iter, tol: default iteration cap and tolerance (``0`` and ``0.0`` for direct methods).
+    """
+
+    name: str
+    summary: str
+    run: Runner
+    lam: float | None = None
+    max_iter: int = 0
+    tol: float = 0.0
+
+
+# -- the methods -----------------------------------------------------------------------------------
+def _zero_filled(y: Tensor, op: LinearOperator, o: _Options) -> Tensor:
+    try:
+        return op.pseudo_inverse(y)
+    except NotImplementedError:
+        return op.adjoint(y)
+
+
+def _fbp(y: Tensor, op: LinearOperator, o: _Options) -> Tensor:
+    from operators.ct import FanBeam, ParallelBeam, fbp
+
+    if not isinstance(op, (ParallelBeam, FanBeam)):
+        raise ParameterError(
+            f"method 'fbp' needs a CT operator (ParallelBeam or FanBeam); found {type(op).__name__}. "
+            "For MRI use 'zero_filled', or an iterative method"
+        )
+    return fbp(y, op, o.fbp_filter)  # type: ignore[arg-type]
+
+
+def _max_abs_per_item(x: Tensor, event_ndim: int) -> Tensor:
+    """``‖x_b‖∞`` per batch item, real ``(*batch)``."""
+    return x.abs().flatten(start_dim=x.ndim - event_ndim).amax(-1) if event_ndim else x.abs()
+
+
+def _cg_sense(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
+    lam = o.lam * op.norm() ** 2
+    cg = ConjugateGradient(op.normal, lam=lam, event_ndim=len(op.in_shape))
+    return solve(cg, cg.init(op.adjoint(y)), max_iter=o.max_iter, tol=o.tol, progress=o.progress)
+
+
+def _wavelet_levels(shape: tuple[int, ...], requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    levels = min(_AUTO_WAVELET_LEVELS, max_wavelet_levels((shape[-2], shape[-1])))
+    if levels < 1:
+        raise ParameterError(
+            f"method 'cs_wavelet' needs an image of even height and width for a periodic wavelet "
+            f"transform; found image shape {shape}. Crop or pad to even sizes, or use 'cs_tv'"
+        )
+    return levels
+
+
+def _cs_wavelet(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
+    if len(op.in_shape) < 2:
+        raise ParameterError(
+            "method 'cs_wavelet' needs images with at least 2 dimensions (H, W); "
+            f"found op.in_shape {op.in_shape}"
+        )
+    levels = _wavelet_levels(op.in_shape, o.wavelet_levels)
+    n = len(op.in_shape)
+    aty = op.adjoint(y)  # (*batch, *in_shape)
+    lam = o.lam * _max_abs_per_item(aty, n)  # (*batch)
+    extra = op.in_shape[:-2]  # image axes before (H, W) are batch axes of the 2D transform
+    lam = lam.reshape(tuple(lam.shape) + (1,) * len(extra)).expand(*lam.shape, *extra)  # (*batch, *extra)
+    transform = Wavelet2D(op.in_shape[-2:], levels, o.wavelet, complex_data=op.complex_in)
+    fista = FISTA(op, y, WaveletL1(transform, lam, shifts=o.wavelet_shifts))
+    return solve(fista, fista.init(), max_iter=o.max_iter, tol=o.tol, progress=o.progress)
+
+
+def _cs_tv(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
+    n = len(op.in_shape)
+    lam = o.lam * _max_abs_per_item(op.adjoint(y), n)  # (*batch)
+    grad = FiniteDifference(op.in_shape, complex_data=op.complex_in)
+    pdhg = PDHG(op, y, grad, lam, group_dim=grad.component_dim)
+    return solve(pdhg, pdhg.init(), max_iter=o.max_iter, tol=o.tol, progress=o.progress)
+
+
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            Method("zero_filled", "op.pseudo_inverse(y) (zero-filled MRI, FBP CT), else Aᴴy", _zero_filled),
+            Method("fbp", "filtered back-projection; CT operators only", _fbp),
+            Method("cg_sense", "(AᴴA + λI) x = Aᴴy by conjugate gradient", _cg_sense, 0.01, 50, 1e-5),
+            Method("cs_wavelet", "½‖Ax - y‖² + λ‖Wx‖₁ by FISTA", _cs_wavelet, 0.005, 200, 1e-4),
+            Method("cs_tv", "½‖Ax - y‖² + λ TV(x) by PDHG", _cs_tv, 0.01, 300, 1e-4),
+        )
+    }
+)
+"""The registry: method name -> :class:`Method` (read-only)."""
+
+
+def reconstruct(
+    method: str,
+    y: Tensor,
+    op: LinearOperator,
+    *,
+    lam: float | None = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
+    wavelet: WaveletName = "haar",
+    wavelet_levels: int | None = None,
+    wavelet_shifts: int = 2,
+    fbp_filter: str = "ramp",
+    progress: Callable[[int, Any], None] | None = None,
+) -> ReconResult:
+    """Reconstruct ``y`` with the method named ``method`` (see :data:`METHODS`).
+
+    Args:
+        method: a key of :data:`METHODS`.
+        y: measurements ``(*batch, *op.out_shape)``.
+        op: the forward operator.
+        lam: relative regularisation weight (module docstring); default: the method's.
+        max_iter: iteration cap; default: the method's (ignored by direct methods).
+        tol: tolerance on the solver's relative residual; default: the method's.
+        wavelet: ``"haar"`` or ``"db4"`` (``cs_wavelet``).
+        wavelet_levels: decomposition levels (``cs_wavelet``); default
+            ``min(4, max_wavelet_levels(H, W))``.
+        wavelet_shifts: cycle spinning, shifts per axis (``cs_wavelet``; 1 = none).
+        fbp_filter: ramp, shepp-logan, cosine or hann (``fbp``).
+        progress: ``progress(iteration, state)`` after each solver step.
+
+    Raises:
+        ParameterError: an unknown method name, an out-of-range option, or a method that does
+            not apply to ``op`` (``fbp`` on MRI).
+    """
+    if method not in METHODS:
+        raise ParameterError(f"method must be one of {sorted(METHODS)}; found {method!r}")
+    spec = METHODS[method]
+    if lam is not None and not (lam >= 0 and math.isfinite(lam)):
+        raise ParameterError(f"lam must be a finite number >= 0 (relative weight); found {lam!r}")
+    if wavelet not in WAVELETS:
+        raise ParameterError(f"wavelet must be one of {WAVELETS}; found {wavelet!r}")
+    iterative = spec.lam is not None  # direct methods have no weight, cap or tolerance
+    options = _Options(
+        lam=(spec.lam if lam is None else float(lam)) if iterative else 0.0,
+        max_iter=(spec.max_iter if max_iter is None else max_iter) if iterative else 0,
+        tol=(spec.tol if tol is None else tol) if iterative else 0.0,
+        wavelet=wavelet,
+        wavelet_levels=wavelet_levels,
+        wavelet_shifts=wavelet_shifts,
+        fbp_filter=fbp_filter,
+        progress=progress,
+    )
+    start = time.perf_counter()
+    out = spec.run(y, op, options)
+    seconds = time.perf_counter() - start
+    if isinstance(out, SolveResult):
+        return ReconResult(out.x, method, out.iterations, out.residual, out.converged, seconds)
+    return ReconResult(out, method, 0, math.nan, True, seconds)
