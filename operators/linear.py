@@ -5,7 +5,7 @@ A :class:`LinearOperator` ``A`` maps arrays whose trailing dimensions are
 dimensions are batch dimensions and pass through unchanged, so one operator
 applies to a slice ``(H, W)`` or a batch ``(B, H, W)`` alike.
 
-Contract (checked for every operator by ``tests/operators/test_linear_contract.py``):
+Contract (checked for every operator by ``tests/operators/contract.py``):
 
 * ``A.forward(x)`` computes ``A x``; ``A.adjoint(y)`` computes ``Aᴴ y`` exactly, so
   ``<A x, y> = <x, Aᴴ y>`` to rounding error;
@@ -149,7 +149,7 @@ class LinearOperator(metaclass=_FreezeAfterInit):
     def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
         """A direct approximate inverse (zero-filled for MRI, FBP for CT), where one exists."""
         raise NotImplementedError(
-            f"{type(self).__name__} has no direct approximate inverse; use operators.solvers.cg "
+            f"{type(self).__name__} has no direct approximate inverse; use operators.solvers.ConjugateGradient "
             "on the normal equations instead"
         )
 
