@@ -34,12 +34,14 @@ from pipelines.store import Archive
 __all__ = ["simulate_mri_volume", "simulate_scan", "run_simulate", "check_finite"]
 
 
-def check_finite(image: Any, slab: int) -> None:
-    """Raise :class:`NonFiniteError` naming the slices and count if the volume has NaN/Inf (read slab by slab)."""
+def check_finite(image: Any, slab: int) -> float:
+    """Read the volume slab by slab once: raise :class:`NonFiniteError` naming the slices and count if it
+    has NaN/Inf, else return its energy ``Σ x²`` (the noise level needs it; one read serves both)."""
     depth = image.shape[0]
-    bad_total, bad_slices = 0, []
+    bad_total, bad_slices, energy = 0, [], 0.0
     for z0 in range(0, depth, slab):
         block = np.asarray(image[z0 : z0 + slab])
+        energy += float(np.sum(np.square(block, dtype=np.float64)))
         finite = np.isfinite(block)
         if not finite.all():
             per_slice = (~finite).reshape(block.shape[0], -1).sum(axis=1)
@@ -50,6 +52,7 @@ def check_finite(image: Any, slab: int) -> None:
             f"image contains {bad_total} NaN/Inf values in slices {bad_slices[:10]}"
             f"{' …' if len(bad_slices) > 10 else ''}; expected only finite values"
         )
+    return energy
 
 
 def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
@@ -60,7 +63,9 @@ def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
     return torch.complex(re, im) * (sigma / np.sqrt(2.0))
 
 
-def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out: Any | None = None):
+def _simulate_mri(
+    image: Any, stage: SimulateStage, scan_id: str, seed: int, out: Any | None = None, energy: float | None = None
+):
     """MRI simulation of ``image`` (D, H, W), filling ``out`` (C, D, H, W) slab by slab; returns (mask, maps, σ)."""
     from operators.mri import birdcage_maps
 
@@ -80,9 +85,8 @@ def _simulate_mri(image: Any, stage: SimulateStage, scan_id: str, seed: int, out
     # noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is ‖x‖ / sqrt(C · N) and so
     # comes from the image in one cheap pass; operators.noise.kspace_noise instead takes the RMS of
     # the sampled entries of one array, which would differ from slab to slab.
-    energy = sum(
-        float(np.sum(np.asarray(image[z : z + slab], dtype=np.float64) ** 2)) for z in range(0, depth, slab)
-    )
+    if energy is None:  # in-memory callers; simulate_scan passes the energy from its finite check
+        energy = check_finite(image, slab)
     rms = float(np.sqrt(energy / (stage.coils * image.size)))
     sigma = 0.0 if stage.snr_db is None else sigma_for_snr(rms, stage.snr_db)
     for z0 in range(0, depth, slab):
@@ -130,7 +134,7 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
         raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
     depth, h, w = image.shape
     slab = stage.slab or depth
-    check_finite(image, slab)
+    energy = check_finite(image, slab)  # before anything is written
     attrs: dict[str, Any] = {"modality": stage.modality, "seed": seed, "producer": "simulate", "slab": slab,
                              "image_shape": [h, w]}  # fmt: skip
     if stage.modality == "mri":
@@ -145,7 +149,7 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
             attrs=attrs,
             compress=False,
         )
-        mask, maps, sigma = _simulate_mri(image, stage, scan_id, seed, out)
+        mask, maps, sigma = _simulate_mri(image, stage, scan_id, seed, out, energy)
         archive.write_array(scan_id, "mask", mask.numpy().astype(bool), attrs)
         if maps is not None:
             archive.write_array(scan_id, "coil_maps", maps.to(torch.complex64).numpy(), attrs)
