@@ -93,20 +93,20 @@ class Reconstructor:
         depth = archive.open_array(scan_id, name).shape[1 if name == "kspace" else 0]
         slab = int(acq.get("slab") or depth)
         h, w = op.in_shape
+        outs = {}
         for method in self.methods:
             attrs = {"method": method, "producer": "recon", "fingerprint": self.fingerprint}
             if method == LEARNED:
                 attrs["model_uri"] = self.model_uri
-            out = archive.create_array(
+            outs[method] = archive.create_array(
                 scan_id, f"recon/{method}", (depth, h, w), np.float32, slab=slab, attrs=attrs
             )
-            for z0 in range(0, depth, slab):
-                y = measurement_slab(archive, scan_id, name, z0, z0 + slab)
+        for z0 in range(0, depth, slab):
+            y = measurement_slab(archive, scan_id, name, z0, z0 + slab)  # read once for every method
+            for method, out in outs.items():
                 if method == LEARNED:
                     assert self.model is not None
-                    out[z0 : z0 + y.shape[0]] = reconstruct_slices(
-                        self.model, y.numpy(), archive.read_array(scan_id, "mask")
-                    )
+                    out[z0 : z0 + y.shape[0]] = reconstruct_slices(self.model, y, op)
                 else:
                     out[z0 : z0 + y.shape[0]] = classical_slab(method, y, op)
         return {"methods": self.methods}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from models.registry import build_model, save_model
+from operators.linear import LinearOperator
 from operators.metrics import psnr
 from operators.mri import CartesianMRI
 from pipelines.context import StageContext, StageResult
@@ -102,16 +103,9 @@ class SliceDataset:
 
 
 @torch.no_grad()
-def reconstruct_slices(
-    model: torch.nn.Module, kspace: np.ndarray, mask: np.ndarray, batch: int = 8
-) -> np.ndarray:
-    """Magnitude reconstruction ``(D, H, W)`` of single-coil k-space ``(D, H, W)`` with ``model(y, op)``."""
-    out = []
-    m = torch.from_numpy(mask.astype(np.float32))
-    for start in range(0, kspace.shape[0], batch):
-        y = torch.from_numpy(kspace[start : start + batch])  # (b, H, W)
-        op = CartesianMRI(m.expand(y.shape[0], *m.shape).contiguous())
-        out.append(model(y, op).abs().numpy())
+def reconstruct_slices(model: torch.nn.Module, y: torch.Tensor, op: LinearOperator, batch: int = 8) -> np.ndarray:
+    """Magnitude reconstruction ``(S, H, W)`` of measurements ``(S, *op.out_shape)`` with ``model(y, op)``."""
+    out = [model(y[start : start + batch], op).abs().numpy() for start in range(0, y.shape[0], batch)]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -185,7 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scores = []
             for sid in val_set:
                 kspace = archive.read_array(sid, "kspace")[0]
-                recon = reconstruct_slices(model, kspace, archive.read_array(sid, "mask"))
+                val_op = CartesianMRI(torch.from_numpy(archive.read_array(sid, "mask").astype(np.float32)))
+                recon = reconstruct_slices(model, torch.from_numpy(kspace), val_op)
                 ref = archive.read_array(sid, "image")
                 scores.append(psnr(recon, ref))
             if scores:
