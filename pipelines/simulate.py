@@ -31,16 +31,34 @@ from pipelines.physics import ct_operator, mri_operator
 from pipelines.spec import MaskSpec, SimulateStage
 from pipelines.store import Archive
 
-__all__ = ["simulate_mri_volume", "simulate_scan", "run_simulate", "check_finite"]
+__all__ = ["simulate_mri_volume", "simulate_scan", "run_simulate", "check_finite", "read_checked"]
 
 
-def check_finite(image: Any, slab: int) -> float:
-    """Read the volume slab by slab once: raise :class:`NonFiniteError` naming the slices and count if it
-    has NaN/Inf, else return its energy ``Σ x²`` (the noise level needs it; one read serves both)."""
+#: An image at most this big is kept in memory between the finite check and the simulation, so it
+#: is read from the archive once (a 256³ float32 volume is 64 MiB); a bigger one is read twice, slab
+#: by slab, so a task's memory stays bounded by the slab.
+IMAGE_CACHE_BYTES = 256 << 20
+
+
+def read_checked(image: Any, slab: int, cache_bytes: int | None = None) -> tuple[float, Any]:
+    """Read the volume ``(D, ...)`` slab by slab once: NaN/Inf check and energy ``Σ x²`` (see :func:`check_finite`).
+
+    Returns:
+        ``(energy, source)``: ``source`` is the volume in memory when it is at most ``cache_bytes``
+        (default :data:`IMAGE_CACHE_BYTES`), else ``image`` itself, to be read again slab by slab.
+
+    Raises:
+        NonFiniteError: naming the slices and the number of NaN/Inf values.
+    """
     depth = image.shape[0]
+    cache_bytes = IMAGE_CACHE_BYTES if cache_bytes is None else cache_bytes
+    nbytes = int(np.prod(image.shape)) * np.dtype(image.dtype).itemsize
+    kept = np.empty(image.shape, image.dtype) if nbytes <= cache_bytes else None
     bad_total, bad_slices, energy = 0, [], 0.0
     for z0 in range(0, depth, slab):
         block = np.asarray(image[z0 : z0 + slab])
+        if kept is not None:
+            kept[z0 : z0 + block.shape[0]] = block
         energy += float(np.sum(np.square(block, dtype=np.float64)))
         finite = np.isfinite(block)
         if not finite.all():
@@ -52,7 +70,13 @@ def check_finite(image: Any, slab: int) -> float:
             f"image contains {bad_total} NaN/Inf values in slices {bad_slices[:10]}"
             f"{' …' if len(bad_slices) > 10 else ''}; expected only finite values"
         )
-    return energy
+    return energy, (kept if kept is not None else image)
+
+
+def check_finite(image: Any, slab: int) -> float:
+    """Read the volume slab by slab once: raise :class:`NonFiniteError` naming the slices and count if it
+    has NaN/Inf, else return its energy ``Σ x²`` (the noise level needs it; one read serves both)."""
+    return read_checked(image, slab, cache_bytes=0)[0]
 
 
 def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
@@ -134,7 +158,7 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
         raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
     depth, h, w = image.shape
     slab = stage.slab or depth
-    energy = check_finite(image, slab)  # before anything is written
+    energy, image = read_checked(image, slab)  # before anything is written; in memory if small
     attrs: dict[str, Any] = {"modality": stage.modality, "seed": seed, "producer": "simulate", "slab": slab,
                              "image_shape": [h, w]}  # fmt: skip
     if stage.modality == "mri":
@@ -148,6 +172,7 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
             slab_axis=1,
             attrs=attrs,
             compress=False,
+            slab_chunks=True,
         )
         mask, maps, sigma = _simulate_mri(image, stage, scan_id, seed, out, energy)
         archive.write_array(scan_id, "mask", mask.numpy().astype(bool), attrs)

@@ -74,9 +74,29 @@ def test_multicoil_writes_maps_and_rebuilds_the_same_operator(archive):
 def test_slab_size_does_not_change_the_archive(archive, tmp_path):
     _sim(archive, coils=2, slab=2, snr_db=20)
     by_slab = archive.read_array("s0", "kspace")
-    assert archive.open_array("s0", "kspace").shards == (2, 2, 48, 48)
+    stored = archive.open_array("s0", "kspace")
+    assert stored.shards is None and stored.chunks == (1, 2, 48, 48)  # one plain chunk per coil and slab
     _sim(archive, coils=2, snr_db=20)
     np.testing.assert_array_equal(by_slab, archive.read_array("s0", "kspace"))
+
+
+def test_small_images_are_read_once_and_big_ones_twice_with_the_same_result(archive, monkeypatch):
+    import pipelines.simulate as simulate
+
+    image = archive.open_array("s0", "image")
+    energy, kept = simulate.read_checked(image, 2)
+    assert isinstance(kept, np.ndarray) and np.array_equal(kept, image[...])
+    assert energy == pytest.approx(float(np.sum(image[...].astype(np.float64) ** 2)))
+    energy_lazy, lazy = simulate.read_checked(image, 2, cache_bytes=kept.nbytes - 1)
+    assert lazy is image and energy_lazy == energy
+
+    _sim(archive, coils=2, slab=2, snr_db=20)
+    cached = archive.read_array("s0", "kspace")
+    monkeypatch.setattr(simulate, "IMAGE_CACHE_BYTES", 0)  # read twice, slab by slab
+    _, lazy_again = simulate.read_checked(image, 2)
+    assert lazy_again is image
+    _sim(archive, coils=2, slab=2, snr_db=20)
+    np.testing.assert_array_equal(cached, archive.read_array("s0", "kspace"))
 
 
 def test_noise_level_matches_the_requested_snr(archive):
