@@ -18,10 +18,19 @@ import torch
 
 from operators.ct import FanBeam, ParallelBeam, sparse_view_angles
 from operators.linear import LinearOperator
+from pipelines.errors import ArchiveError
 from pipelines.spec import CTSpec
 from pipelines.store import Archive
 
-__all__ = ["ct_operator", "mri_operator", "measurement_name", "operator_for_scan"]
+__all__ = [
+    "ct_operator",
+    "mri_operator",
+    "measurement_name",
+    "operator_for_scan",
+    "sampled_columns",
+    "kspace_shape",
+    "read_kspace",
+]
 
 
 def measurement_name(modality: str) -> str:
@@ -65,6 +74,54 @@ def mri_operator(
     return sense(m, torch.as_tensor(np.asarray(coil_maps)))
 
 
+def sampled_columns(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
+    """The sampled columns of a 1D Cartesian mask ``(H, W)``, ascending; None for any other mask.
+
+    A mask is 1D Cartesian when every row is the same (whole phase-encoding lines are sampled,
+    as in fastMRI). A fully sampled mask gives None too: nothing would be saved.
+    """
+    m = np.asarray(mask).astype(bool)
+    if m.ndim != 2 or not (m == m[:1]).all():
+        return None
+    cols = np.flatnonzero(m[0])
+    return cols if 0 < cols.size < m.shape[1] else None
+
+
+def kspace_shape(arr: Any) -> tuple[int, ...]:
+    """The full k-space shape ``(C, D, H, W)`` of a stored ``kspace`` array, whatever its layout."""
+    attrs = arr.attrs.asdict()
+    if attrs.get("layout", "full") == "columns":
+        return (*arr.shape[:-1], int(attrs["image_shape"][1]))
+    return tuple(arr.shape)
+
+
+def read_kspace(arr: Any, z0: int | None = None, z1: int | None = None) -> np.ndarray:
+    """Slices ``z0:z1`` of a stored ``kspace`` array as full k-space ``(C, s, H, W)`` complex64.
+
+    Simulation stores 1D-undersampled k-space as its sampled columns only (attribute
+    ``layout: columns`` with the column indices in ``columns``): a scanner acquires only those
+    lines, and at 4x the array is 4x smaller to write and read. This zero-fills the rest.
+    """
+    attrs = arr.attrs.asdict()
+    stored = np.asarray(arr[:, z0:z1])  # (C, s, H, W or n_columns)
+    layout = attrs.get("layout", "full")
+    if layout == "full":
+        return stored
+    if layout != "columns":
+        raise ArchiveError(
+            f"{arr.path}: unknown layout {layout!r} in its attributes; expected 'full' or 'columns'"
+        )
+    cols = np.asarray(attrs["columns"], dtype=np.int64)
+    if stored.shape[-1] != cols.size:
+        raise ArchiveError(
+            f"{arr.path}: stored with {stored.shape[-1]} columns "
+            f"but its 'columns' attribute lists {cols.size}"
+        )
+    full = np.zeros((*stored.shape[:-1], int(attrs["image_shape"][1])), dtype=stored.dtype)
+    full[..., cols] = stored
+    return full
+
+
 def operator_for_scan(archive: Archive, scan_id: str) -> tuple[LinearOperator, str, dict[str, Any]]:
     """Rebuild the operator of a simulated (or ingested) scan from its recorded acquisition.
 
@@ -75,8 +132,6 @@ def operator_for_scan(archive: Archive, scan_id: str) -> tuple[LinearOperator, s
             attrs = archive.open_array(scan_id, name).attrs.asdict()
             break
     else:
-        from pipelines.errors import ArchiveError
-
         raise ArchiveError(
             f"scan {scan_id!r} has no measurements (kspace or sinogram); run the simulate stage first"
         )

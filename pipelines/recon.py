@@ -20,7 +20,7 @@ from operators.linear import LinearOperator
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import ScanOutcome, process_scan, progress_bar, summarise
-from pipelines.physics import operator_for_scan
+from pipelines.physics import operator_for_scan, read_kspace
 from pipelines.spec import LEARNED, ReconStage
 from pipelines.store import Archive
 from pipelines.train import reconstruct_slices
@@ -36,7 +36,7 @@ def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int
     """
     arr = archive.open_array(scan_id, name)
     if name == "kspace":
-        y = torch.from_numpy(np.ascontiguousarray(arr[:, z0:z1]))  # (C, s, H, W)
+        y = torch.from_numpy(read_kspace(arr, z0, z1))  # (C, s, H, W)
         return y[0] if y.shape[0] == 1 else y.transpose(0, 1).contiguous()  # (s, H, W) or (s, C, H, W)
     return torch.from_numpy(np.ascontiguousarray(arr[z0:z1]))
 

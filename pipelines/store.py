@@ -238,7 +238,9 @@ class Archive:
         shards = tuple(slab if i == slab_axis else n for i, n in enumerate(shape))
         chunks = tuple(depth if i == slab_axis else (1 if i < slab_axis else n) for i, n in enumerate(shape))
         if slab_chunks:  # (1, ..., slab, ...): one file per slab (and per leading index, e.g. coil)
-            chunks = tuple(slab if i == slab_axis else (1 if i < slab_axis else n) for i, n in enumerate(shape))
+            chunks = tuple(
+                slab if i == slab_axis else (1 if i < slab_axis else n) for i, n in enumerate(shape)
+            )
         return zarr.create_array(
             self._zarr_store(),
             name=self._array_path(scan_id, name),

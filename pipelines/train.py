@@ -30,6 +30,7 @@ from operators.mri import CartesianMRI
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import progress_bar
+from pipelines.physics import kspace_shape, read_kspace
 from pipelines.spec import Spec, TrainStage
 from pipelines.store import Archive
 from pipelines.tracking import MlflowTracker, register_model
@@ -64,7 +65,7 @@ class SliceDataset:
         self.index: list[tuple[str, int]] = []
         shapes = set()
         for sid in self.scan_ids:
-            shape = self.archive.open_array(sid, "kspace").shape  # (C, D, H, W)
+            shape = kspace_shape(self.archive.open_array(sid, "kspace"))  # (C, D, H, W)
             shapes.add(tuple(shape[2:]))
             self.index.extend((sid, d) for d in range(shape[1]))
         if len(shapes) > 1:
@@ -82,7 +83,7 @@ class SliceDataset:
             self._cache.move_to_end(scan_id)
             return self._cache[scan_id]
         item = (
-            self.archive.read_array(scan_id, "kspace")[0],  # (D, H, W) single coil
+            read_kspace(self.archive.open_array(scan_id, "kspace"))[0],  # (D, H, W) single coil
             self.archive.read_array(scan_id, "mask").astype(np.float32),  # (H, W)
             self.archive.read_array(scan_id, "image"),  # (D, H, W)
         )
@@ -178,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model.eval()
             scores = []
             for sid in val_set:
-                kspace = archive.read_array(sid, "kspace")[0]
+                kspace = read_kspace(archive.open_array(sid, "kspace"))[0]
                 val_op = CartesianMRI(torch.from_numpy(archive.read_array(sid, "mask").astype(np.float32)))
                 recon = reconstruct_slices(model, torch.from_numpy(kspace), val_op)
                 ref = archive.read_array(sid, "image")

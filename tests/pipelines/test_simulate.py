@@ -1,4 +1,4 @@
-"""The simulation stage's branches: CT (parallel, fan, low dose), multi-coil MRI, slabs; and recon from them."""
+"""The simulation stage: CT (parallel, fan, low dose), multi-coil MRI, slabs, layouts; recon from them."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from operators.metrics import psnr
 from operators.phantoms import random_ellipsoids
-from pipelines.physics import ct_operator, operator_for_scan
+from pipelines.physics import ct_operator, kspace_shape, operator_for_scan, read_kspace, sampled_columns
 from pipelines.recon import Reconstructor
 from pipelines.simulate import simulate_scan
 from pipelines.spec import CTSpec, MaskSpec, PipelineSpec, SimulateStage
@@ -20,6 +20,11 @@ def archive(tmp_path):
     a = Archive(str(tmp_path / "a"), create=True)
     a.write_array("s0", "image", random_ellipsoids(SHAPE, seed=0).image)
     return a
+
+
+def _kspace(archive):
+    """The full k-space (C, D, H, W) of scan s0, whatever its stored layout."""
+    return read_kspace(archive.open_array("s0", "kspace"))
 
 
 def _sim(archive, **fields):
@@ -61,7 +66,7 @@ def test_ct_fan_beam_branch(archive):
 
 def test_multicoil_writes_maps_and_rebuilds_the_same_operator(archive):
     _sim(archive, coils=4, mask=MaskSpec(acceleration=4), snr_db=None)
-    ksp = archive.read_array("s0", "kspace")
+    ksp = _kspace(archive)
     maps = archive.read_array("s0", "coil_maps")
     assert ksp.shape == (4, *SHAPE) and maps.shape == (4, 48, 48)
     op, name, acq = operator_for_scan(archive, "s0")
@@ -75,7 +80,8 @@ def test_slab_size_does_not_change_the_archive(archive, tmp_path):
     _sim(archive, coils=2, slab=2, snr_db=20)
     by_slab = archive.read_array("s0", "kspace")
     stored = archive.open_array("s0", "kspace")
-    assert stored.shards is None and stored.chunks == (1, 2, 48, 48)  # one plain chunk per coil and slab
+    n = stored.shape[-1]
+    assert stored.shards is None and stored.chunks == (1, 2, 48, n)  # one plain chunk per coil and slab
     _sim(archive, coils=2, snr_db=20)
     np.testing.assert_array_equal(by_slab, archive.read_array("s0", "kspace"))
 
@@ -99,11 +105,47 @@ def test_small_images_are_read_once_and_big_ones_twice_with_the_same_result(arch
     np.testing.assert_array_equal(cached, archive.read_array("s0", "kspace"))
 
 
+@pytest.mark.parametrize("kind", ["random_1d", "equispaced_1d"])
+def test_1d_masks_store_only_the_acquired_columns(archive, kind):
+    _sim(archive, mask=MaskSpec(kind=kind, acceleration=4), snr_db=20)
+    stored = archive.open_array("s0", "kspace")
+    mask = archive.read_array("s0", "mask")
+    cols = np.flatnonzero(mask[0])
+    assert stored.attrs["layout"] == "columns" and stored.attrs["columns"] == cols.tolist()
+    assert stored.shape == (1, *SHAPE[:2], cols.size) and cols.size < SHAPE[2] // 2
+    assert kspace_shape(stored) == (1, *SHAPE)
+    full = _kspace(archive)
+    assert full.shape == (1, *SHAPE)
+    np.testing.assert_array_equal(full[..., cols], stored[...])
+    assert not full[..., np.setdiff1d(np.arange(SHAPE[2]), cols)].any()  # never acquired: zero
+    assert np.abs(stored[...]).min() > 0  # every stored sample was acquired (signal plus noise)
+    np.testing.assert_array_equal(read_kspace(stored, 1, 3), full[:, 1:3])  # a slab, zero-filled
+
+
+def test_2d_masks_store_full_kspace(archive):
+    _sim(archive, mask=MaskSpec(kind="poisson_disc", acceleration=4), snr_db=None)
+    stored = archive.open_array("s0", "kspace")
+    assert stored.attrs.get("layout", "full") == "full" and stored.shape == (1, *SHAPE)
+    assert sampled_columns(archive.read_array("s0", "mask")) is None
+    assert sampled_columns(np.ones((4, 4), bool)) is None  # fully sampled: nothing to save
+
+
+def test_a_corrupt_column_layout_is_named(archive):
+    from pipelines.errors import ArchiveError
+
+    _sim(archive, snr_db=None)
+    stored = archive.open_array("s0", "kspace")
+    archive.write_array("s0", "kspace", stored[...][..., :-1], dict(stored.attrs))
+    message = r"scans/s0/kspace: stored with \d+ columns but its 'columns' attribute lists"
+    with pytest.raises(ArchiveError, match=message):
+        _kspace(archive)
+
+
 def test_noise_level_matches_the_requested_snr(archive):
     _, info = _sim(archive, snr_db=20)
-    ksp = archive.read_array("s0", "kspace")
+    ksp = _kspace(archive)
     _sim(archive, snr_db=None)
-    noise = ksp - archive.read_array("s0", "kspace")
+    noise = ksp - _kspace(archive)
     mask = archive.read_array("s0", "mask")
     sampled = noise[0][:, mask]
     assert np.std(sampled) == pytest.approx(info["noise_sigma"], rel=0.05)  # complex std: E|n|² = σ²
