@@ -20,6 +20,20 @@ unblocked ``x * D`` (two fresh full-size buffers) adds page faults. On a busy ma
 (other processes on both cores) the blocked loop's many small parallel regions suffer more
 than one bare call; with 1 thread per process (Ray's default) that does not arise.
 
+Also tried (scratch variants, same data, 2 threads, ratio to bare ``fft2``), none kept:
+
+* centring as a roll of the output folded into the mask pass (no input modulation), by four
+  quadrant-strided multiplies per block: 0.67-0.69; strided quadrant multiplies cost 2.5x a
+  contiguous one in TensorIterator;
+* exploiting the 1D mask: row FFT, gather of the sampled columns, column FFT of those only,
+  scatter: 0.35-0.57; the column gather (``index_select`` / advanced indexing) costs as much
+  as a whole row FFT;
+* the chequerboard as a sign-bit XOR on an int64 view instead of a multiply: pass 0.36 ms
+  instead of 0.53 ms with 2 threads, no gain with 1 thread;
+* a fused in-place quadrant-swap-and-weigh kernel in numba after a bare ``fft2``: 0.73-0.78,
+  not worth a JIT dependency;
+* block sizes from 64 K to 1 M elements, or no blocking: 0.61-0.68 throughout.
+
 Run: ``python benchmarks/bench_mri.py [--device cuda] [--threads N] [--rounds R]``.
 """
 
