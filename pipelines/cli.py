@@ -41,6 +41,23 @@ DebugOpt = Annotated[
 ]
 
 
+_COLUMN_TITLES = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "nmse": "NMSE",
+    "recon_s": "recon s/scan",
+    "iterations": "iterations/slab",
+}
+
+
+def _format_metric(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return {"psnr": f"{value:.2f}", "recon_s": f"{value:.3f}", "iterations": f"{value:.1f}"}.get(
+        name, f"{value:.4f}"
+    )
+
+
 def _fail(exc: BaseException, debug: bool, code: int) -> None:
     if debug:
         raise exc
@@ -87,16 +104,13 @@ def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
         metrics = Table(
             title=f"Results on the test split ({result.outputs['evaluate'].get('n_scans', 0)} scans)"
         )
-        names = sorted({k for d in result.metrics.values() for k in d})
+        found = {k for d in result.metrics.values() for k in d}
+        names = [n for n in _COLUMN_TITLES if n in found] + sorted(found - set(_COLUMN_TITLES))
         metrics.add_column("method")
         for n in names:
-            metrics.add_column(
-                {"psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE"}.get(n, n), justify="right"
-            )
+            metrics.add_column(_COLUMN_TITLES.get(n, n), justify="right")
         for method, values in result.metrics.items():
-            metrics.add_row(
-                method, *(f"{values[n]:.4f}" if n != "psnr" else f"{values[n]:.2f}" for n in names)
-            )
+            metrics.add_row(method, *(_format_metric(n, values.get(n)) for n in names))
         console.print(metrics)
     console.print(
         f"total {result.seconds:.1f} s; MLflow run [cyan]{result.run_id}[/] at {result.tracking_uri}"

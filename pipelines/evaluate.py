@@ -26,10 +26,19 @@ __all__ = ["score_scan", "aggregate", "comparison_figure", "run_evaluate"]
 _METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
+#: Cost columns copied from the recon stage's commit record beside the metrics.
+COSTS = ("recon_s", "iterations")
+
+
 def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: list[str]) -> dict[str, Any]:
-    """``{"scores": {method: {metric: value}}}`` for one scan."""
+    """``{"scores": {method: {metric: value}}}`` for one scan, with each method's recon cost.
+
+    The cost (``recon_s``: wall seconds for the scan, ``iterations``: mean solver steps per
+    slab) comes from the recon commit record, when it has one.
+    """
     ref = archive.read_array(scan_id, "image")
     rng = float(ref.max() - ref.min())
+    solver = (archive.commit_record("recon", scan_id) or {}).get("solver", {})
     scores: dict[str, dict[str, float]] = {}
     for method in methods:
         recon = archive.read_array(scan_id, f"recon/{method}")
@@ -37,6 +46,8 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
             m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng))
             for m in metrics
         }
+        cost = solver.get(method, {})
+        scores[method] |= {k: float(cost[k]) for k in COSTS if cost.get(k) is not None}
     return {"scores": scores}
 
 

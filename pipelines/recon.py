@@ -3,7 +3,9 @@
 :class:`Reconstructor` is a callable class for ``Dataset.map_batches``: it loads the
 model once in ``__init__`` (per actor), and for each scan ID in a batch reads the
 k-space and mask from Zarr, reconstructs with every requested method, writes
-``recon/<method>`` (float32 magnitude) and commits the scan. A scan that fails is
+``recon/<method>`` (float32 magnitude) and commits the scan. Each method's cost (wall seconds,
+solver iterations, worst final residual) goes into the commit marker and the array's
+``solver`` attribute, and the evaluate stage reports it beside the metrics. A scan that fails is
 quarantined and the batch goes on; a re-run reconstructs only what is missing.
 
 The class works without Ray on one in-memory batch, which is how it is unit-tested.
@@ -11,6 +13,7 @@ The class works without Ray on one in-memory batch, which is how it is unit-test
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,7 @@ from pipelines.spec import LEARNED, ReconStage
 from pipelines.store import Archive
 from pipelines.train import reconstruct_slices
 
-__all__ = ["Reconstructor", "measurement_slab", "classical_slab", "run_recon"]
+__all__ = ["Reconstructor", "SolverLog", "measurement_slab", "classical_slab", "run_recon"]
 
 
 def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int) -> torch.Tensor:
@@ -41,19 +44,52 @@ def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int
     return torch.from_numpy(np.ascontiguousarray(arr[z0:z1]))
 
 
-def classical_slab(method: str, y: torch.Tensor, op: LinearOperator) -> np.ndarray:
-    """Magnitude ``(s, H, W)`` of a classical reconstruction of a slab of measurements."""
+def classical_slab(
+    method: str, y: torch.Tensor, op: LinearOperator, options: dict[str, Any] | None = None
+) -> tuple[np.ndarray, int, float | None]:
+    """A classical reconstruction of a slab of measurements: ``(magnitude (s, H, W), iterations, residual)``.
+
+    ``options`` are :func:`operators.recon.reconstruct` keyword arguments (the spec's
+    ``SolverOptions``). Direct methods (zero_filled, fbp) report 0 iterations and no residual;
+    iterative ones their solver's step count and final relative residual.
+    """
+    options = options or {}
     if method == "zero_filled":
-        x = op.adjoint(y)
-    elif method == "fbp":
+        return op.adjoint(y).abs().numpy().astype(np.float32), 0, None
+    if method == "fbp":
         from operators.ct import fbp
 
-        x = fbp(y, op)  # type: ignore[arg-type]
-    else:
-        from operators.recon import reconstruct
+        image = fbp(y, op, filter=options.get("fbp_filter", "ramp"))  # type: ignore[arg-type]
+        return image.abs().numpy().astype(np.float32), 0, None
+    from operators.recon import reconstruct
 
-        x = reconstruct(method, y, op).image
-    return x.abs().numpy().astype(np.float32)
+    result = reconstruct(method, y, op, **options)
+    residual = float(result.residual)
+    return result.image.abs().numpy().astype(np.float32), int(result.iterations), residual
+
+
+class SolverLog:
+    """Per method of one scan: wall seconds, iterations per slab and the worst final residual."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.iterations: list[int] = []
+        self.residual: float | None = None
+
+    def add(self, seconds: float, iterations: int = 0, residual: float | None = None) -> None:
+        self.seconds += seconds
+        self.iterations.append(iterations)
+        if residual is not None and np.isfinite(residual):
+            self.residual = residual if self.residual is None else max(self.residual, residual)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe: ``recon_s``, ``iterations`` (mean over slabs), ``iterations_max``, ``residual_max``."""
+        return {
+            "recon_s": self.seconds,
+            "iterations": float(np.mean(self.iterations)) if self.iterations else 0.0,
+            "iterations_max": max(self.iterations, default=0),
+            "residual_max": self.residual,
+        }
 
 
 class Reconstructor:
@@ -64,6 +100,7 @@ class Reconstructor:
         methods: method names (``zero_filled``, classical names, or ``learned``).
         fingerprint: the stage fingerprint written into commit markers.
         model_uri, tracking_uri: the model for ``learned`` (loaded once, here).
+        options: per classical method, :func:`operators.recon.reconstruct` keyword arguments.
     """
 
     def __init__(
@@ -74,10 +111,12 @@ class Reconstructor:
         fingerprint: str,
         model_uri: str | None = None,
         tracking_uri: str | None = None,
+        options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         torch.set_num_threads(1)
         self.archive = Archive(archive_uri, storage_options)
         self.methods = list(methods)
+        self.options = dict(options or {})
         self.fingerprint = fingerprint
         self.model_uri = model_uri
         self.model = None
@@ -101,15 +140,22 @@ class Reconstructor:
             outs[method] = archive.create_array(
                 scan_id, f"recon/{method}", (depth, h, w), np.float32, slab=slab, attrs=attrs
             )
+        logs = {method: SolverLog() for method in outs}
         for z0 in range(0, depth, slab):
             y = measurement_slab(archive, scan_id, name, z0, z0 + slab)  # read once for every method
             for method, out in outs.items():
+                t0 = time.perf_counter()
                 if method == LEARNED:
                     assert self.model is not None
-                    out[z0 : z0 + y.shape[0]] = reconstruct_slices(self.model, y, op)
+                    image, iterations, residual = reconstruct_slices(self.model, y, op), 0, None
                 else:
-                    out[z0 : z0 + y.shape[0]] = classical_slab(method, y, op)
-        return {"methods": self.methods}
+                    image, iterations, residual = classical_slab(method, y, op, self.options.get(method))
+                logs[method].add(time.perf_counter() - t0, iterations, residual)
+                out[z0 : z0 + y.shape[0]] = image
+        solver = {method: log.summary() for method, log in logs.items()}
+        for method, out in outs.items():
+            out.attrs.update({"solver": solver[method]})
+        return {"methods": self.methods, "solver": solver}
 
     def process(self, scan_id: str) -> ScanOutcome:
         return process_scan(
@@ -155,6 +201,7 @@ def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageRe
             "fingerprint": fingerprint,
             "model_uri": model_uri,
             "tracking_uri": ctx.tracking_uri,
+            "options": {m: o.model_dump() for m, o in stage.options.items()},
         },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=stage.actors),

@@ -238,6 +238,20 @@ class TrainStage(Spec):
     threads_per_worker: int = Field(default=1, ge=1)
 
 
+class SolverOptions(Spec):
+    """Options of one classical method (``operators.recon.reconstruct``); unset ones keep its defaults."""
+
+    lam: float | None = Field(
+        default=None, ge=0, description="regularisation weight, relative to the data's scale"
+    )
+    max_iter: int | None = Field(default=None, ge=1, description="iteration cap")
+    tol: float | None = Field(default=None, ge=0, description="tolerance on the relative residual")
+    wavelet: Literal["haar", "db4"] = "haar"
+    wavelet_levels: int | None = Field(default=None, ge=1)
+    wavelet_shifts: int = Field(default=2, ge=1, description="cycle spinning: shifts per axis")
+    fbp_filter: Literal["ramp", "shepp-logan", "cosine", "hann"] = "ramp"
+
+
 class ReconStage(Spec):
     """Reconstruct the test split with Ray Data; each method writes ``recon/<method>``."""
 
@@ -249,6 +263,20 @@ class ReconStage(Spec):
     split: Literal["train", "val", "test", "all"] = "test"
     actors: int = Field(default=2, ge=1)
     cpus_per_actor: float = Field(default=0.5, gt=0)
+    options: dict[str, SolverOptions] = Field(
+        default_factory=dict,
+        description="per-method solver options, e.g. {cs_tv: {lam: 0.02, max_iter: 200}}",
+    )
+
+    @model_validator(mode="after")
+    def _options_name_methods(self) -> ReconStage:
+        stray = sorted(set(self.options) - (set(self.methods) - {LEARNED}))
+        if stray:
+            raise ValueError(
+                f"options given for {stray}, which are not classical methods of this stage; "
+                f"expected keys among {[m for m in self.methods if m != LEARNED]}"
+            )
+        return self
 
     @field_validator("methods")
     @classmethod

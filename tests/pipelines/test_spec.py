@@ -28,6 +28,12 @@ def test_quickstart_spec_is_valid():
     assert spec.stage("train").workers == 2
 
 
+@pytest.mark.parametrize("path", sorted(QUICKSTART.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_is_valid(path):
+    spec = load_spec(path)
+    assert spec.stages and spec.archive.path
+
+
 def test_unknown_field_names_file_field_and_fix(tmp_path, raw):
     raw["stages"][2]["epochz"] = 3
     path = _write(tmp_path, raw)

@@ -86,3 +86,37 @@ def test_reconstructor_on_one_in_memory_batch(archive, tmp_path):
     np.testing.assert_allclose(learned, zf, atol=1e-5)
     assert archive.open_array("s0", "recon/learned").attrs["model_uri"] == model_uri
     assert list(rec({"scan_id": np.array(["s0"])})["status"]) == ["skipped"]
+
+
+def test_recon_records_each_methods_cost_and_evaluate_reports_it(archive):
+    from pipelines.evaluate import score_scan
+    from pipelines.spec import ReconStage
+
+    simulate_scan(archive, "s0", stage=STAGE, seed=0)
+    stage = ReconStage(
+        kind="recon", methods=["zero_filled", "cs_tv"], options={"cs_tv": {"max_iter": 7, "tol": 0.0}}
+    )
+    options = {m: o.model_dump() for m, o in stage.options.items()}
+    rec = Reconstructor(archive.uri, {}, stage.methods, "fp-c", options=options)
+    assert list(rec({"scan_id": np.array(["s0"])})["status"]) == ["done"]
+    solver = archive.commit_record("recon", "s0")["solver"]
+    assert solver["cs_tv"]["iterations"] == 7 and solver["cs_tv"]["iterations_max"] == 7  # the cap, from the spec
+    assert 0 < solver["cs_tv"]["residual_max"] < 1
+    assert solver["zero_filled"]["iterations"] == 0 and solver["zero_filled"]["residual_max"] is None
+    assert solver["cs_tv"]["recon_s"] > solver["zero_filled"]["recon_s"] > 0
+    assert archive.open_array("s0", "recon/cs_tv").attrs["solver"] == solver["cs_tv"]
+
+    scores = score_scan(archive, "s0", methods=stage.methods, metrics=["psnr"])["scores"]
+    assert scores["cs_tv"]["iterations"] == 7 and scores["cs_tv"]["recon_s"] == solver["cs_tv"]["recon_s"]
+    assert set(scores["zero_filled"]) == {"psnr", "recon_s", "iterations"}
+
+
+def test_solver_options_must_name_classical_methods_of_the_stage():
+    from pydantic import ValidationError
+
+    from pipelines.spec import ReconStage
+
+    with pytest.raises(ValidationError, match=r"options given for \['cs_wavelet'\]"):
+        ReconStage(kind="recon", methods=["zero_filled", "cs_tv"], options={"cs_wavelet": {"lam": 0.1}})
+    with pytest.raises(ValidationError, match="max_iter"):
+        ReconStage(kind="recon", methods=["cs_tv"], options={"cs_tv": {"max_iter": 0}})
