@@ -28,6 +28,7 @@ quickstart: install
 
 test: install
 	@mkdir -p .tmp
+	$(BIN)/ruff check operators models pipelines tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 bench: install

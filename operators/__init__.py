@@ -9,4 +9,17 @@ Never imports ray, mlflow or zarr (tests/test_layers.py checks). Modules:
 - ``phantoms``, ``metrics``: seeded test volumes, PSNR / SSIM / NMSE
 """
 
-__all__ = ["linear", "fft", "mri", "masks", "noise", "ct", "solvers", "regularizers", "recon", "phantoms", "metrics", "errors"]
+__all__ = [
+    "linear",
+    "fft",
+    "mri",
+    "masks",
+    "noise",
+    "ct",
+    "solvers",
+    "regularizers",
+    "recon",
+    "phantoms",
+    "metrics",
+    "errors",
+]

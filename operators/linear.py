@@ -149,7 +149,8 @@ class LinearOperator(metaclass=_FreezeAfterInit):
     def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
         """A direct approximate inverse (zero-filled for MRI, FBP for CT), where one exists."""
         raise NotImplementedError(
-            f"{type(self).__name__} has no direct approximate inverse; use operators.solvers.ConjugateGradient "
+            f"{type(self).__name__} has no direct approximate inverse; "
+            "use operators.solvers.ConjugateGradient "
             "on the normal equations instead"
         )
 

@@ -3,7 +3,8 @@
 Hierarchy::
 
     PipelineError                  base of everything raised on purpose here
-    ├── SpecError                  a pipeline file is unreadable or invalid (names file, field, expected, found)
+    ├── SpecError                  a pipeline file is unreadable or invalid
+    │                              (names file, field, expected, found)
     ├── ScanIdError (ValueError)   a scan ID that may not become a path part
     ├── ArchiveError               the archive is missing, unreadable, or lacks an array a stage needs
     ├── StageError                 a stage failed as a whole (not one scan: those are quarantined)

@@ -186,7 +186,8 @@ def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageRe
     model_uri = stage.model_uri or ctx.upstream.get("train", {}).get("model_uri")
     if LEARNED in stage.methods and model_uri is None:
         raise StageError(
-            "recon: method 'learned' needs a model: the train stage recorded none and recon.model_uri is unset"
+            "recon: method 'learned' needs a model: "
+            "the train stage recorded none and recon.model_uri is unset"
         )
     failed_sim = set(ctx.archive.quarantined("simulate"))  # nothing to reconstruct for those
     ids = [s for s in ctx.archive.scans(stage.split) if s not in failed_sim]

@@ -148,7 +148,8 @@ def run_pipeline(
         }
     )
     console.print(
-        f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, MLflow run {run_id} at {tracking_uri}"
+        f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, "
+        f"MLflow run {run_id} at {tracking_uri}"
     )
 
     started = ensure_ray(spec, verbose)

@@ -90,7 +90,10 @@ class ArchiveSpec(Spec):
 
 
 class TrackingSpec(Spec):
-    """MLflow settings. ``uri`` defaults to ``$MEDRECON_TRACKING_URI``, else a SQLite file beside the archive."""
+    """MLflow settings.
+
+    ``uri`` defaults to ``$MEDRECON_TRACKING_URI``, else a SQLite file beside the archive.
+    """
 
     uri: str | None = None
     experiment: str = "medrecon"

@@ -115,7 +115,8 @@ def resolve_tracking_uri(spec_uri: str | None, archive_uri: str, is_local: bool)
         return uri
     if not is_local:
         raise TrackingError(
-            f"archive {archive_uri} is remote, so tracking.uri (or MEDRECON_TRACKING_URI) must name an MLflow server"
+            f"archive {archive_uri} is remote, so tracking.uri (or MEDRECON_TRACKING_URI) "
+            "must name an MLflow server"
         )
     return "sqlite:///" + os.path.join(os.path.dirname(archive_uri), "mlflow.db")
 
@@ -179,7 +180,7 @@ def register_model(uri: str, name: str, run_id: str) -> str:
 
 
 def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Download ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/ID/model`` and rebuild the module."""
+    """Download ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/ID/model``; rebuild the module."""
     import mlflow
 
     from models.registry import load_model

@@ -104,7 +104,9 @@ class SliceDataset:
 
 
 @torch.no_grad()
-def reconstruct_slices(model: torch.nn.Module, y: torch.Tensor, op: LinearOperator, batch: int = 8) -> np.ndarray:
+def reconstruct_slices(
+    model: torch.nn.Module, y: torch.Tensor, op: LinearOperator, batch: int = 8
+) -> np.ndarray:
     """Magnitude reconstruction ``(S, H, W)`` of measurements ``(S, *op.out_shape)`` with ``model(y, op)``."""
     out = [model(y[start : start + batch], op).abs().numpy() for start in range(0, y.shape[0], batch)]
     return np.concatenate(out).astype(np.float32)

@@ -73,7 +73,8 @@ def check_linear_operator(
     x = x1.clone().requires_grad_(True)
     y = random_input(op.out_shape, op.complex_out, dtype, g)
     out = op.forward(x)
-    # For complex maps, the VJP of the real-valued Re<Ax, y> gives Aᴴy (PyTorch's conjugate-Wirtinger convention).
+    # For complex maps, the VJP of the real-valued Re<Ax, y> gives Aᴴy
+    # (PyTorch's conjugate-Wirtinger convention).
     objective = inner(out, y).real if (op.complex_out or op.complex_in) else inner(out, y)
     (grad,) = torch.autograd.grad(objective, x)
     expected = op.adjoint(y)

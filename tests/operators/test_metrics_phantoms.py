@@ -36,7 +36,8 @@ def test_ssim3d_matches_skimage():
     ref = random_ellipsoids((12, 24, 24), seed=2).image
     x = ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)
     dr = float(ref.max() - ref.min())
-    assert ssim3d(x, ref, data_range=dr) == pytest.approx(structural_similarity(ref, x, data_range=dr), rel=1e-5)
+    expected = structural_similarity(ref, x, data_range=dr)
+    assert ssim3d(x, ref, data_range=dr) == pytest.approx(expected, rel=1e-5)
 
 
 def test_nmse_and_perfect_scores(pair):
