@@ -82,6 +82,12 @@ def comparison_figure(
         mask = archive.read_array(scan_id, "mask")
         axes[1, 0].imshow(np.broadcast_to(mask, ref.shape) if mask.ndim < 2 else mask, cmap="gray")
         axes[1, 0].set_title(f"sampling mask ({100 * float(np.mean(mask)):.0f}% sampled)")
+    elif archive.has_array(scan_id, "sinogram"):
+        sinogram = archive.open_array(scan_id, "sinogram")[d]  # (views, detectors)
+        axes[1, 0].imshow(sinogram, cmap="gray", aspect="auto")
+        axes[1, 0].set_title(f"sinogram ({sinogram.shape[0]} views)")
+        axes[1, 0].set_xlabel("detector")
+        axes[1, 0].set_ylabel("view")
     else:
         axes[1, 0].axis("off")
     err_max = 0.25 * vmax

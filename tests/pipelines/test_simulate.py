@@ -56,6 +56,12 @@ def test_ct_low_dose_is_seeded_noisy_and_fbp_reconstructs(archive, tmp_path):
     assert list(rec({"scan_id": np.array(["s0"])})["status"]) == ["done"]
     assert psnr(archive.read_array("s0", "recon/fbp"), archive.read_array("s0", "image")) > 22
 
+    from pipelines.evaluate import comparison_figure
+
+    fig = comparison_figure(archive, "s0", ["fbp"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "sinogram (90 views)" in titles and any(t.startswith("fbp\nPSNR") for t in titles)
+
 
 def test_ct_fan_beam_branch(archive):
     stage, _ = _sim(archive, modality="ct", ct=CTSpec(geometry="fan", views=60))
