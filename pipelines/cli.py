@@ -47,15 +47,15 @@ _COLUMN_TITLES = {
     "nmse": "NMSE",
     "recon_s": "recon s/scan",
     "iterations": "iterations/slab",
+    "converged": "converged",
 }
 
 
 def _format_metric(name: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return {"psnr": f"{value:.2f}", "recon_s": f"{value:.3f}", "iterations": f"{value:.1f}"}.get(
-        name, f"{value:.4f}"
-    )
+    formats = {"psnr": f"{value:.2f}", "recon_s": f"{value:.3f}", "iterations": f"{value:.1f}"}
+    return formats.get(name, f"{value:.0%}" if name == "converged" else f"{value:.4f}")
 
 
 def _fail(exc: BaseException, debug: bool, code: int) -> None:
@@ -112,6 +112,13 @@ def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
         for method, values in result.metrics.items():
             metrics.add_row(method, *(_format_metric(n, values.get(n)) for n in names))
         console.print(metrics)
+        for method, values in result.metrics.items():
+            if values.get("converged", 1.0) < 1.0:
+                console.print(
+                    f"[yellow]note:[/] {method} stopped at its iteration cap before its tolerance on "
+                    f"{1 - values['converged']:.0%} of the scans; raise recon.options.{method}.max_iter "
+                    "or loosen its tol"
+                )
     console.print(
         f"total {result.seconds:.1f} s; MLflow run [cyan]{result.run_id}[/] at {result.tracking_uri}"
     )

@@ -26,15 +26,16 @@ __all__ = ["score_scan", "aggregate", "comparison_figure", "run_evaluate"]
 _METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
-#: Cost columns copied from the recon stage's commit record beside the metrics.
-COSTS = ("recon_s", "iterations")
+#: Cost columns copied from the recon stage's commit record beside the metrics; ``converged`` is
+#: 1 when every slab met its tolerance (so its mean is the fraction of scans that converged).
+COSTS = ("recon_s", "iterations", "converged")
 
 
 def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: list[str]) -> dict[str, Any]:
     """``{"scores": {method: {metric: value}}}`` for one scan, with each method's recon cost.
 
     The cost (``recon_s``: wall seconds for the scan, ``iterations``: mean solver steps per
-    slab) comes from the recon commit record, when it has one.
+    slab, ``converged``: 1 or 0) comes from the recon commit record, when it has one.
     """
     ref = archive.read_array(scan_id, "image")
     rng = float(ref.max() - ref.min())

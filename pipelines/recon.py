@@ -14,7 +14,7 @@ The class works without Ray on one in-memory batch, which is how it is unit-test
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from pipelines.spec import LEARNED, ReconStage
 from pipelines.store import Archive
 from pipelines.train import reconstruct_slices
 
-__all__ = ["Reconstructor", "SolverLog", "measurement_slab", "classical_slab", "run_recon"]
+__all__ = ["Reconstructor", "SlabResult", "SolverLog", "measurement_slab", "classical_slab", "run_recon"]
 
 
 def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int) -> torch.Tensor:
@@ -44,51 +44,70 @@ def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int
     return torch.from_numpy(np.ascontiguousarray(arr[z0:z1]))
 
 
+class SlabResult(NamedTuple):
+    """One method on one slab: the magnitude ``(s, H, W)`` and how the solver went."""
+
+    image: np.ndarray
+    iterations: int = 0
+    residual: float | None = None  # final relative residual; None for direct methods
+    converged: bool = True  # met the tolerance before the iteration cap
+
+
 def classical_slab(
     method: str, y: torch.Tensor, op: LinearOperator, options: dict[str, Any] | None = None
-) -> tuple[np.ndarray, int, float | None]:
-    """A classical reconstruction of a slab of measurements: ``(magnitude (s, H, W), iterations, residual)``.
+) -> SlabResult:
+    """A classical reconstruction of a slab of measurements.
 
     ``options`` are :func:`operators.recon.reconstruct` keyword arguments (the spec's
     ``SolverOptions``). Direct methods (zero_filled, fbp) report 0 iterations and no residual;
-    iterative ones their solver's step count and final relative residual.
+    iterative ones their solver's step count, final relative residual and whether it met ``tol``.
     """
     options = options or {}
     if method == "zero_filled":
-        return op.adjoint(y).abs().numpy().astype(np.float32), 0, None
+        return SlabResult(op.adjoint(y).abs().numpy().astype(np.float32))
     if method == "fbp":
         from operators.ct import fbp
 
         image = fbp(y, op, filter=options.get("fbp_filter", "ramp"))  # type: ignore[arg-type]
-        return image.abs().numpy().astype(np.float32), 0, None
+        return SlabResult(image.abs().numpy().astype(np.float32))
     from operators.recon import reconstruct
 
     result = reconstruct(method, y, op, **options)
-    residual = float(result.residual)
-    return result.image.abs().numpy().astype(np.float32), int(result.iterations), residual
+    return SlabResult(
+        result.image.abs().numpy().astype(np.float32),
+        int(result.iterations),
+        float(result.residual),
+        bool(result.converged),
+    )
 
 
 class SolverLog:
-    """Per method of one scan: wall seconds, iterations per slab and the worst final residual."""
+    """Per method of one scan: wall seconds, iterations per slab, the worst final residual, convergence."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.iterations: list[int] = []
         self.residual: float | None = None
+        self.unconverged = 0
 
-    def add(self, seconds: float, iterations: int = 0, residual: float | None = None) -> None:
+    def add(self, seconds: float, slab: SlabResult) -> None:
         self.seconds += seconds
-        self.iterations.append(iterations)
-        if residual is not None and np.isfinite(residual):
-            self.residual = residual if self.residual is None else max(self.residual, residual)
+        self.iterations.append(slab.iterations)
+        self.unconverged += not slab.converged
+        if slab.residual is not None and np.isfinite(slab.residual):
+            r = slab.residual
+            self.residual = r if self.residual is None else max(self.residual, r)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-safe: ``recon_s``, ``iterations`` (mean over slabs), ``iterations_max``, ``residual_max``."""
+        """JSON-safe: ``recon_s``, ``iterations`` (mean over slabs), ``iterations_max``, ``residual_max``,
+        ``converged`` (every slab met its tolerance) and ``slabs_at_cap``."""
         return {
             "recon_s": self.seconds,
             "iterations": float(np.mean(self.iterations)) if self.iterations else 0.0,
             "iterations_max": max(self.iterations, default=0),
             "residual_max": self.residual,
+            "converged": self.unconverged == 0,
+            "slabs_at_cap": self.unconverged,
         }
 
 
@@ -147,11 +166,11 @@ class Reconstructor:
                 t0 = time.perf_counter()
                 if method == LEARNED:
                     assert self.model is not None
-                    image, iterations, residual = reconstruct_slices(self.model, y, op), 0, None
+                    result = SlabResult(reconstruct_slices(self.model, y, op))
                 else:
-                    image, iterations, residual = classical_slab(method, y, op, self.options.get(method))
-                logs[method].add(time.perf_counter() - t0, iterations, residual)
-                out[z0 : z0 + y.shape[0]] = image
+                    result = classical_slab(method, y, op, self.options.get(method))
+                logs[method].add(time.perf_counter() - t0, result)
+                out[z0 : z0 + y.shape[0]] = result.image
         solver = {method: log.summary() for method, log in logs.items()}
         for method, out in outs.items():
             out.attrs.update({"solver": solver[method]})

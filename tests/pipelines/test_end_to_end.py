@@ -154,22 +154,34 @@ def test_half_written_archive_redoes_only_the_uncommitted_scan(first_run):
     assert after == before, "committed scans were rewritten"
 
 
-def test_ct_pipeline_without_training(ray_session, tmp_path):
-    """The shipped CT spec, shrunk: sinograms through Ray, FBP and TV through Ray Data, metrics."""
+def test_ct_pipeline_without_training_through_the_cli(ray_session, tmp_path):
+    """The shipped CT spec, shrunk, run by ``medrecon run`` as a second driver on the session's cluster."""
+    import subprocess
+    import sys
+
     raw = yaml.safe_load((QUICKSTART.parent / "ct_sparse_view.yaml").read_text())
     raw["archive"] = {"path": str(tmp_path / "archive")}
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ct"}
     stages = {s["kind"]: s for s in raw["stages"]}
     stages["phantoms"].update(n_scans=3, shape=[8, 48, 48], split={"train": 1, "val": 1, "test": 1})
-    stages["recon"]["options"]["cs_tv"]["max_iter"] = 40
-    result = run_pipeline(PipelineSpec.model_validate(raw), Console(quiet=True))
-    assert all(not r.failed for r in result.stages)
-    means = result.metrics
-    assert set(means) == {"fbp", "cs_tv"}
-    assert means["cs_tv"]["iterations"] == 40 and means["fbp"]["iterations"] == 0
-    assert means["cs_tv"]["psnr"] > means["fbp"]["psnr"]  # 60 noisy views: TV beats filtered back-projection
+    stages["recon"]["options"]["cs_tv"].update(max_iter=40, tol=0.0)  # tol 0: stops at the cap
+    path = tmp_path / "ct.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "MEDRECON_RAY_ADDRESS": address, "COLUMNS": "200"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", str(path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Results on the test split (1 scans)" in out.stdout
+    assert "note: cs_tv stopped at its iteration cap before its tolerance on 100% of the scans" in out.stdout
     archive = Archive(str(tmp_path / "archive"))
     sid = archive.scans("test")[0]
     assert archive.open_array(sid, "sinogram").shape == (8, 60, 48)
-    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
-    assert run.data.metrics["cs_tv/iterations"] == 40
+    client = MlflowClient(raw["tracking"]["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ct").experiment_id])
+    metrics = run.data.metrics
+    assert metrics["cs_tv/iterations"] == 40 and metrics["fbp/iterations"] == 0
+    assert metrics["cs_tv/converged"] == 0 and metrics["fbp/converged"] == 1
+    assert metrics["cs_tv/psnr"] > metrics["fbp/psnr"]  # 60 noisy views: TV beats filtered back-projection

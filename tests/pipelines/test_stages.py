@@ -103,13 +103,16 @@ def test_recon_records_each_methods_cost_and_evaluate_reports_it(archive):
     assert solver["cs_tv"]["iterations"] == 7  # the cap, from the spec
     assert solver["cs_tv"]["iterations_max"] == 7
     assert 0 < solver["cs_tv"]["residual_max"] < 1
+    assert solver["cs_tv"]["converged"] is False and solver["cs_tv"]["slabs_at_cap"] == 1  # tol 0: never met
+    assert solver["zero_filled"]["converged"] is True
     assert solver["zero_filled"]["iterations"] == 0 and solver["zero_filled"]["residual_max"] is None
     assert solver["cs_tv"]["recon_s"] > solver["zero_filled"]["recon_s"] > 0
     assert archive.open_array("s0", "recon/cs_tv").attrs["solver"] == solver["cs_tv"]
 
     scores = score_scan(archive, "s0", methods=stage.methods, metrics=["psnr"])["scores"]
     assert scores["cs_tv"]["iterations"] == 7 and scores["cs_tv"]["recon_s"] == solver["cs_tv"]["recon_s"]
-    assert set(scores["zero_filled"]) == {"psnr", "recon_s", "iterations"}
+    assert set(scores["zero_filled"]) == {"psnr", "recon_s", "iterations", "converged"}
+    assert scores["cs_tv"]["converged"] == 0.0 and scores["zero_filled"]["converged"] == 1.0
 
 
 def test_solver_options_must_name_classical_methods_of_the_stage():
