@@ -45,8 +45,8 @@ _COLUMN_TITLES = {
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
     "nmse": "NMSE",
-    "recon_s": "recon s/scan",
-    "iterations": "iterations/slab",
+    "recon_s": "s/scan",
+    "iterations": "iters/slab",
     "converged": "converged",
 }
 
@@ -106,7 +106,7 @@ def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
         )
         found = {k for d in result.metrics.values() for k in d}
         names = [n for n in _COLUMN_TITLES if n in found] + sorted(found - set(_COLUMN_TITLES))
-        metrics.add_column("method")
+        metrics.add_column("method", no_wrap=True)
         for n in names:
             metrics.add_column(_COLUMN_TITLES.get(n, n), justify="right")
         for method, values in result.metrics.items():
