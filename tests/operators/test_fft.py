@@ -14,14 +14,7 @@ from operators.fft import fftc, ifftc, is_even, modulated_fft, modulations
 from operators.mri import FFTc
 from tests.operators.contract import check_linear_operator
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny FFTs: with 2 threads, MKL's thread hand-offs cost milliseconds per call on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/operators/conftest.py
 
 
 def _numpy_fftc(x: np.ndarray, ndim: int, inverse: bool = False) -> np.ndarray:

@@ -17,14 +17,7 @@ from operators.masks import make_mask
 from operators.mri import SENSE, CartesianMRI, CoilExpand, FFTc, Mask, birdcage_maps, sense
 from tests.operators.contract import adjoint_error, check_linear_operator
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny FFTs: with 2 threads, MKL's thread hand-offs cost milliseconds per call on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/operators/conftest.py
 
 
 def _mask(shape: tuple[int, ...], seed: int, p: float = 0.5) -> torch.Tensor:
