@@ -130,8 +130,8 @@ def run(device: str = "cpu", rounds: int = 5) -> list[dict[str, Any]]:
     t = _time_rounds(coils, rounds, sync)
     bare = t["fft2 (bare) on (C, H, W)"]
     notes = {
-        "SENSE forward": "composition P @ F @ S: three passes with full (C, H, W) intermediates",
-        "SENSE adjoint": "composition Sᴴ @ Fᴴ @ Pᴴ, then the coil sum",
+        "SENSE forward": "fused: D x, then S_c ⊙, fft2, W ⊙ per block of coils",
+        "SENSE adjoint": "fused: W ⊙ y, ifft2, conj(S_c) ⊙ per block of coils; coil sum; D ⊙",
         "SENSE normal": "fused, two FFTs per coil, a few coils at a time",
     }
     shape = f"image ({SIZE}, {SIZE}), k-space ({COILS}, {SIZE}, {SIZE})"

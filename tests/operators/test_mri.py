@@ -91,6 +91,31 @@ def test_volume_mri_3d_and_per_slice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- references and fast paths ------------------------------------------------------------------------
+@pytest.mark.parametrize("spatial", [(16, 16), (10, 14), (9, 12)])
+@pytest.mark.parametrize("block", [1 << 30, 64])  # one block, and the blocked loop over coils
+@pytest.mark.parametrize("conj_cache", [64 << 20, 0])  # conj(S) materialised, and the lazy view
+def test_fused_sense_matches_the_composition_and_numpy(
+    spatial: tuple[int, int], block: int, conj_cache: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from operators import fft as fft_module
+    from operators import mri as mri_module
+
+    monkeypatch.setattr(fft_module, "BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(mri_module, "SENSE_CONJ_CACHE_BYTES", conj_cache)
+    masks = torch.stack([make_mask("random_1d", spatial, 3, 0.1, seed=s) for s in range(2)])  # (2, H, W)
+    maps = birdcage_maps(spatial, 3, dtype=torch.complex128)  # (C, H, W)
+    E = sense(masks, maps).to(dtype=torch.float64)
+    x = _image((2, *spatial), 5)  # (2, H, W), one mask per sample
+    y = E.forward(x)  # (2, C, H, W)
+    expected = masks.numpy()[:, None] * _numpy_fftc(maps.numpy()[None] * x.numpy()[:, None], 2)
+    np.testing.assert_allclose(y.numpy(), expected, atol=1e-12)
+    composed = E.op  # Mask @ FFTc @ CoilExpand, the unfused reference
+    np.testing.assert_allclose(E.adjoint(y).numpy(), composed.adjoint(y).numpy(), atol=1e-12)
+    np.testing.assert_allclose(E.forward(x).numpy(), composed.forward(x).numpy(), atol=1e-12)
+    np.testing.assert_allclose(E.normal(x).numpy(), composed.adjoint(composed.forward(x)).numpy(), atol=1e-12)
+    assert (E._maps_conj is None) == (conj_cache == 0)
+
+
 @pytest.mark.parametrize("spatial", [(16, 16), (10, 14), (9, 12), (7, 7)])
 def test_cartesian_forward_matches_numpy_reference(spatial: tuple[int, int]) -> None:
     mask = make_mask("random_1d", spatial, 3, 0.1, seed=0)
