@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.timing import median_time, print_table, write_json  # noqa: E402
+from benchmarks.timing import median_time, parse_device, print_table, write_json  # noqa: E402
 from operators.ct import _CACHE, FanBeam, ParallelBeam, clear_matrix_cache, fbp, sparse_view_angles  # noqa: E402
 
 BATCH, SIZE, VIEWS = 32, 256, 180
@@ -129,10 +129,7 @@ def run(device: str = "cpu") -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    args = parse_device(parser)
     rows = run(args.device)
     print_table(f"CT operators on {args.device} ({torch.get_num_threads()} threads)", rows)
     path = write_json("bench_ct", {"device": args.device, "rows": rows})

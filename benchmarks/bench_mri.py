@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.timing import median_time, print_table, write_json  # noqa: E402
+from benchmarks.timing import median_time, parse_device, print_table, write_json  # noqa: E402
 from operators.fft import fftc  # noqa: E402
 from operators.masks import random_1d  # noqa: E402
 from operators.mri import CartesianMRI, birdcage_maps, sense  # noqa: E402
@@ -142,14 +142,11 @@ def run(device: str = "cpu", rounds: int = 5) -> list[dict[str, Any]]:
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
+    args = parse_device(parser)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     rows = run(args.device, args.rounds)
     print_table(f"MRI operators on {args.device} ({torch.get_num_threads()} threads)", rows)
     print(f"wrote {write_json('bench_mri', {'device': args.device, 'rows': rows})}")

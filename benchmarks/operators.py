@@ -15,15 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks import bench_ct, bench_mri  # noqa: E402
-from benchmarks.timing import print_table, write_json  # noqa: E402
+from benchmarks.timing import parse_device, print_table, write_json  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    args = parse_device(parser)
     results = {}
     for name, module in (("mri", bench_mri), ("ct", bench_ct)):
         rows = module.run(args.device)

@@ -6,6 +6,7 @@ report medians of repeated runs and ratios, because these machines are shared an
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -17,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["median_time", "print_table", "write_json", "RESULTS_DIR"]
+__all__ = ["median_time", "print_table", "write_json", "parse_device", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -72,3 +73,15 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def parse_device(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add ``--device`` (cpu or cuda) to ``parser``, parse, and refuse cuda when there is none."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+    return args

@@ -104,6 +104,12 @@ def _scale(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return k * w
 
 
+def _chequerboard(op: CartesianMRI | SENSE, device: torch.device) -> torch.Tensor:
+    """The centred FFT's modulation ``D`` over ``op``'s image shape, in the dtype of its mask weight."""
+    assert op._weight is not None
+    return modulations(op.in_shape, op._weight.dtype, device)[0]  # (*spatial), ±1
+
+
 def _check_spatial(owner: str, mask: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
     n = len(expected)
     if mask.ndim < n or tuple(mask.shape[mask.ndim - n :]) != expected:
@@ -150,21 +156,17 @@ class CartesianMRI(LinearOperator):
         _check_spatial("CartesianMRI.with_mask", mask, self.in_shape, "operator's image shape")
         return CartesianMRI(mask, self.ndim)
 
-    def _modulation(self, device: torch.device) -> torch.Tensor:
-        assert self._weight is not None
-        return modulations(self.in_shape, self._weight.dtype, device)[0]
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_broadcast("CartesianMRI", x, self.mask, "input of forward")
         if self._weight is None:
             return fftc(x, self.ndim) * self.mask
-        return modulated_fft(x, self._modulation(x.device), self._weight, self.ndim)
+        return modulated_fft(x, _chequerboard(self, x.device), self._weight, self.ndim)
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
         _check_broadcast("CartesianMRI", y, self.mask, "input of adjoint")
         if self._weight is None:
             return ifftc(y * self.mask, self.ndim)
-        return modulated_fft(y, self._weight, self._modulation(y.device), self.ndim, inverse=True)
+        return modulated_fft(y, self._weight, _chequerboard(self, y.device), self.ndim, inverse=True)
 
     def _normal(self, x: torch.Tensor) -> torch.Tensor:
         _check_broadcast("CartesianMRI", x, self.mask, "input of normal")
@@ -353,10 +355,6 @@ class SENSE(LinearOperator):
         _check_spatial("SENSE.with_mask", mask, self.in_shape, "operator's image shape")
         return SENSE(mask, self.coil_maps, self.ndim)
 
-    def _modulation(self, device: torch.device) -> torch.Tensor:
-        assert self._weight is not None
-        return modulations(self.in_shape, self._weight.dtype, device)[0]  # D, (*spatial)
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight is None:
             return self.op._forward(x)
@@ -364,7 +362,7 @@ class SENSE(LinearOperator):
         maps = self.coil_maps
         _check_broadcast("SENSE", x.unsqueeze(coil_dim), maps, "input of forward", name="coil_maps")
         _check_broadcast("SENSE", x.unsqueeze(coil_dim), self._weight, "input of forward")
-        xd = (x * self._modulation(x.device)).unsqueeze(coil_dim)  # D x, (..., 1, *spatial)
+        xd = (x * _chequerboard(self, x.device)).unsqueeze(coil_dim)  # D x, (..., 1, *spatial)
         return modulated_fft(xd, maps, self._weight, self.ndim)  # (..., C, *spatial)
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
@@ -376,7 +374,7 @@ class SENSE(LinearOperator):
         _check_broadcast("SENSE", y, self._weight, "input of adjoint")
         conj = self._maps_conj if self._maps_conj is not None else torch.conj(maps)
         z = modulated_fft(y, self._weight, conj, self.ndim, inverse=True)  # (..., C, *spatial)
-        return z.sum(dim=coil_dim) * self._modulation(y.device)  # (..., *spatial)
+        return z.sum(dim=coil_dim) * _chequerboard(self, y.device)  # (..., *spatial)
 
     def _normal(self, x: torch.Tensor) -> torch.Tensor:
         if self._normal_weight is None:

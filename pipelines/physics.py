@@ -87,12 +87,29 @@ def sampled_columns(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
     return cols if 0 < cols.size < m.shape[1] else None
 
 
+def _column_layout(arr: Any) -> tuple[np.ndarray, int] | None:
+    """``(stored columns, full width)`` of a ``layout: columns`` k-space array; None for full k-space."""
+    attrs = arr.attrs.asdict()
+    layout = attrs.get("layout", "full")
+    if layout == "full":
+        return None
+    if layout != "columns":
+        raise ArchiveError(
+            f"{arr.path}: unknown layout {layout!r} in its attributes; expected 'full' or 'columns'"
+        )
+    cols = np.asarray(attrs["columns"], dtype=np.int64)
+    if arr.shape[-1] != cols.size:
+        raise ArchiveError(
+            f"{arr.path}: stored with {arr.shape[-1]} columns "
+            f"but its 'columns' attribute lists {cols.size}"
+        )
+    return cols, int(attrs["image_shape"][1])
+
+
 def kspace_shape(arr: Any) -> tuple[int, ...]:
     """The full k-space shape ``(C, D, H, W)`` of a stored ``kspace`` array, whatever its layout."""
-    attrs = arr.attrs.asdict()
-    if attrs.get("layout", "full") == "columns":
-        return (*arr.shape[:-1], int(attrs["image_shape"][1]))
-    return tuple(arr.shape)
+    columns = _column_layout(arr)
+    return tuple(arr.shape) if columns is None else (*arr.shape[:-1], columns[1])
 
 
 def read_kspace(arr: Any, z0: int | None = None, z1: int | None = None) -> np.ndarray:
@@ -102,22 +119,12 @@ def read_kspace(arr: Any, z0: int | None = None, z1: int | None = None) -> np.nd
     ``layout: columns`` with the column indices in ``columns``): a scanner acquires only those
     lines, and at 4x the array is 4x smaller to write and read. This zero-fills the rest.
     """
-    attrs = arr.attrs.asdict()
+    columns = _column_layout(arr)  # checked before the read
     stored = np.asarray(arr[:, z0:z1])  # (C, s, H, W or n_columns)
-    layout = attrs.get("layout", "full")
-    if layout == "full":
+    if columns is None:
         return stored
-    if layout != "columns":
-        raise ArchiveError(
-            f"{arr.path}: unknown layout {layout!r} in its attributes; expected 'full' or 'columns'"
-        )
-    cols = np.asarray(attrs["columns"], dtype=np.int64)
-    if stored.shape[-1] != cols.size:
-        raise ArchiveError(
-            f"{arr.path}: stored with {stored.shape[-1]} columns "
-            f"but its 'columns' attribute lists {cols.size}"
-        )
-    full = np.zeros((*stored.shape[:-1], int(attrs["image_shape"][1])), dtype=stored.dtype)
+    cols, width = columns
+    full = np.zeros((*stored.shape[:-1], width), dtype=stored.dtype)
     full[..., cols] = stored
     return full
 
