@@ -54,10 +54,9 @@ from rich.console import Console  # noqa: E402
 from benchmarks.timing import print_table, write_json  # noqa: E402
 from operators.phantoms import random_ellipsoids  # noqa: E402
 from pipelines.fanout import fan_out  # noqa: E402
-from pipelines.physics import ct_operator  # noqa: E402
-from pipelines.simulate import _simulate_mri, mri_acquisition, simulate_scan  # noqa: E402
+from pipelines.simulate import acquisition_for, simulate_scan, simulate_volume  # noqa: E402
 from pipelines.spec import CTSpec, SimulateStage  # noqa: E402
-from pipelines.store import Archive  # noqa: E402
+from pipelines.store import MEASUREMENTS, SOURCE, Archive  # noqa: E402
 
 BAR_THROUGHPUT = 0.7
 BAR_PEAK_MB = 2000.0
@@ -74,43 +73,21 @@ def _configs(slab: int | None) -> dict[str, SimulateStage]:
     }
 
 
-def _simulate_ct_in_memory(
-    image: np.ndarray, stage: SimulateStage, scan_id: str, seed: int, out: np.ndarray
-) -> None:
-    """The CT branch of ``simulate_scan`` on in-memory arrays (same operator, slabs and noise)."""
-    from operators.noise import low_dose_sinogram
-    from pipelines.fingerprint import scan_seed
-
-    ct = stage.ct_spec
-    depth, h, w = image.shape
-    slab = stage.slab or depth
-    op = ct_operator(ct, (h, w))
-    for z0 in range(0, depth, slab):
-        x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
-        p = op.forward(x)  # (s, views, detectors)
-        if ct.i0 is not None:
-            mu = ct.attenuation
-            seeds = [scan_seed(seed, scan_id, f"dose/{z0 + i}") for i in range(p.shape[0])]
-            p = torch.stack([low_dose_sinogram(mu * p[i], ct.i0, seed=sd) / mu for i, sd in enumerate(seeds)])
-        out[z0 : z0 + x.shape[0]] = p.numpy().astype(np.float32)
-
-
 def _in_memory(images: dict[str, np.ndarray], stage: SimulateStage) -> None:
-    """Simulate every image in this process, each into a freshly allocated output."""
+    """Simulate every image in this process, each into a freshly allocated output in the stored layout."""
     for scan_id, image in images.items():
-        if stage.modality == "mri":
-            acq = mri_acquisition(stage, scan_id, SEED, image.shape[1:])
-            width = acq.stored_width(image.shape[2])  # the stage's stored layout: acquired columns
-            out = np.empty((stage.coils, *image.shape[:2], width), np.complex64)  # (C, D, H, W or n)
-            _simulate_mri(image, stage, acq, scan_id, SEED, out)
-        else:
-            op = ct_operator(stage.ct_spec, image.shape[1:])
-            out = np.empty((image.shape[0], *op.out_shape), np.float32)  # (D, views, detectors)
-            _simulate_ct_in_memory(image, stage, scan_id, SEED, out)
+        acq = acquisition_for(stage, scan_id, SEED, image.shape[1:])
+        dtype = np.complex64 if acq.modality == "mri" else np.float32
+        out = np.empty(acq.stored_shape(image.shape[0]), dtype)  # (D, C, H, n) or (D, views, detectors)
+
+        def write(z0: int, stored: np.ndarray, out: np.ndarray = out) -> None:
+            out[z0 : z0 + stored.shape[0]] = stored
+
+        simulate_volume(image, stage, acq, scan_id, SEED, write)
 
 
 def _outputs(stage: SimulateStage) -> list[str]:
-    return ["mask", "kspace", "coil_maps"] if stage.modality == "mri" else ["sinogram"]
+    return ["mask", "kspace", "coil_maps"] if stage.modality == "mri" else ["sinogram"]  # to clean up
 
 
 def _simulate_scan_cpu(archive: Archive, scan_id: str, *, stage: SimulateStage, seed: int) -> dict[str, Any]:
@@ -124,7 +101,7 @@ def _ray_stage(archive: Archive, ids: list[str], stage: SimulateStage) -> float:
     """The Ray stage over ``ids`` with a fresh fingerprint; returns the tasks' summed CPU seconds."""
     quiet = Console(file=io.StringIO())
     outcomes = fan_out(
-        archive, "simulate", ids, uuid.uuid4().hex, _simulate_scan_cpu, _outputs(stage),
+        archive, MEASUREMENTS, ids, uuid.uuid4().hex, _simulate_scan_cpu, _outputs(stage),
         {"stage": stage, "seed": SEED}, num_cpus=1.0, console=quiet,
     )  # fmt: skip
     failed = [o for o in outcomes if o.status != "done"]
@@ -307,7 +284,8 @@ def main() -> None:
                 f"scan{i:02d}": random_ellipsoids((depth, 256, 256), seed=i).image for i in range(scans)
             }
             for scan_id, image in images.items():
-                archive.write_array(scan_id, "image", image)
+                record = archive.write_array(scan_id, "image", image)
+                archive.commit(SOURCE, scan_id, "bench", arrays={"image": record})
             log.log(f"throughput setup {time.perf_counter() - t0:.1f} s")
             rows = throughput(archive, images, repeats, slab, log, args.only)
             print_table(
@@ -321,7 +299,8 @@ def main() -> None:
         if not args.skip_memory:
             t0 = time.perf_counter()
             archive = Archive(str(workdir / "memory.zarr"), create=True)
-            archive.write_array("big", "image", random_ellipsoids(mem_shape, seed=0).image)
+            record = archive.write_array("big", "image", random_ellipsoids(mem_shape, seed=0).image)
+            archive.commit(SOURCE, "big", "bench", arrays={"image": record})
             log.log(f"memory setup {time.perf_counter() - t0:.1f} s")
             rows = memory(archive, "big", mem_shape, 8, [16, None])
             print_table(

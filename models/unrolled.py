@@ -7,12 +7,16 @@ coil expansion, FFTs and masks all come from ``op``.
 :class:`GradientDescentNet` unrolls ``K`` steps of gradient descent on
 ``½‖A x − y‖²`` with a learned regulariser ``R_k``::
 
-    x⁰ = Aᴴ y
-    xᵏ⁺¹ = xᵏ − ηₖ Aᴴ(A xᵏ − y) + R_k(xᵏ)
+    x⁰ = A⁺ y                       (op.pseudo_inverse: zero-filled MRI, FBP for CT; else Aᴴ y)
+    xᵏ⁺¹ = xᵏ − (ηₖ / L) Aᴴ(A xᵏ − y) + R_k(xᵏ),    L = ‖A‖² (the gradient's Lipschitz constant)
 
-Images are complex ``(B, H, W)``; the CNNs see them as two real channels.
-Inputs are scaled by ``max |Aᴴ y|`` per item, so a trained network works whatever
-the intensity scale of the scan.
+so an untrained network (``R_k = 0``, ``ηₖ = 1``) is plain gradient descent with a step that is
+safe for any operator: ``‖A‖ = 1`` for Cartesian MRI, but a CT projector's norm grows with the
+number of views and the image size.
+
+Images are complex ``(B, H, W)`` for MRI and real for CT; the CNNs see two real channels
+(real and imaginary parts; zero imaginary part for real images). Inputs are scaled by
+``max |x⁰|`` per item, so a trained network works whatever the intensity scale of the scan.
 
 Example:
     >>> import torch
@@ -36,8 +40,14 @@ from operators.linear import LinearOperator
 __all__ = ["GDNetConfig", "GradientDescentNet", "ConvRegularizer"]
 
 
+#: Power iterations for the step normaliser ``‖A‖²``: exact after one for Cartesian MRI (its normal
+#: operator's eigenvalues are 0 and 1), within a few per cent for CT projectors; the learned step
+#: ``ηₖ`` absorbs the rest.
+NORM_ITERATIONS = 10
+
+
 class ConvRegularizer(nn.Module):
-    """A small residual CNN on complex images ``(B, H, W)`` seen as two real channels.
+    """A small residual CNN on images ``(B, H, W)``, complex or real, seen as two real channels.
 
     Args:
         features: channels of the hidden layers.
@@ -65,12 +75,18 @@ class ConvRegularizer(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` complex ``(..., H, W)`` -> complex ``(..., H, W)``."""
-        lead = x.shape[:-2]
-        z = torch.view_as_real(x.reshape(-1, *x.shape[-2:]))  # (N, H, W, 2)
-        z = z.permute(0, 3, 1, 2)  # (N, 2, H, W)
-        z = self.net(z).permute(0, 2, 3, 1).contiguous()  # (N, H, W, 2)
-        return torch.view_as_complex(z).reshape(*lead, *x.shape[-2:])
+        """``x`` ``(..., H, W)`` complex or real -> the same shape and dtype."""
+        lead, plane = x.shape[:-2], x.shape[-2:]
+        flat = x.reshape(-1, *plane)  # (N, H, W)
+        if x.is_complex():
+            z = torch.view_as_real(flat).permute(0, 3, 1, 2)  # (N, 2, H, W)
+        else:
+            z = torch.stack([flat, torch.zeros_like(flat)], dim=1)  # (N, 2, H, W): x + 0i
+        out = self.net(z)  # (N, 2, H, W)
+        if not x.is_complex():
+            return out[:, 0].reshape(*lead, *plane)  # the real part
+        out = out.permute(0, 2, 3, 1).contiguous()  # (N, H, W, 2)
+        return torch.view_as_complex(out).reshape(*lead, *plane)
 
 
 @dataclass(frozen=True)
@@ -114,13 +130,17 @@ class GradientDescentNet(nn.Module):
         """Reconstruct.
 
         Args:
-            y: measurements ``(B, *op.out_shape)``, complex.
+            y: measurements ``(B, *op.out_shape)``: complex k-space or a real sinogram.
             op: the forward operator; its spatial input shape is ``(H, W)``.
 
         Returns:
-            complex images ``(B, H, W)``.
+            images ``(B, H, W)``: complex for MRI operators, real for CT.
         """
-        x0 = op.adjoint(y)  # (B, H, W)
+        try:
+            x0 = op.pseudo_inverse(y)  # (B, H, W)
+        except NotImplementedError:
+            x0 = op.adjoint(y)
+        lipschitz = op.norm(n_iter=NORM_ITERATIONS) ** 2
         spatial = tuple(range(-len(op.in_shape), 0))
         scale = x0.abs().amax(dim=spatial, keepdim=True).clamp_min(1e-12)  # (B, 1, 1)
         scale_y = scale.reshape(*scale.shape[: x0.ndim - len(op.in_shape)], *([1] * len(op.out_shape)))
@@ -128,7 +148,7 @@ class GradientDescentNet(nn.Module):
         x = x0 / scale
         for k in range(self.config.n_iter):
             reg = self.regularizers[0 if self.config.shared_weights else k]
-            x = x - self.steps[k] * op.adjoint(op.forward(x) - y) + reg(x)
+            x = x - (self.steps[k] / lipschitz) * op.adjoint(op.forward(x) - y) + reg(x)
         return x * scale
 
     def config_dict(self) -> dict:

@@ -188,7 +188,7 @@ class LinearOperator(metaclass=_FreezeAfterInit):
         """
         new = object.__new__(type(self))
         for name, value in self.__dict__.items():
-            if name == "_frozen":
+            if name in ("_frozen", "_norm_cache"):
                 continue
             object.__setattr__(new, name, _move(value, device, dtype))
         object.__setattr__(new, "_frozen", True)
@@ -197,11 +197,23 @@ class LinearOperator(metaclass=_FreezeAfterInit):
     def norm(self, n_iter: int = 30, seed: int = 0, dtype: torch.dtype = torch.float64) -> float:
         """Estimate the spectral norm ``‖A‖₂`` by power iteration on ``AᴴA``.
 
+        An operator whose parameters carry batch dimensions (a stack of masks, say) is
+        block-diagonal over its items; its norm is the largest of the items' norms, and each
+        item is iterated on its own. The result is remembered per operator and arguments
+        (operators are immutable, so it cannot go stale).
+
         Args:
             n_iter: number of power iterations.
             seed: seed of the random start vector (global RNG state is untouched).
             dtype: real precision of the start vector.
         """
+        cache: dict[tuple[int, int, torch.dtype], float] = self.__dict__.setdefault("_norm_cache", {})
+        key = (n_iter, seed, dtype)
+        if key not in cache:
+            cache[key] = self._power_iteration(n_iter, seed, dtype)
+        return cache[key]
+
+    def _power_iteration(self, n_iter: int, seed: int, dtype: torch.dtype) -> float:
         device = self._device()
         g = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(self.in_shape, generator=g, dtype=dtype)
@@ -209,14 +221,16 @@ class LinearOperator(metaclass=_FreezeAfterInit):
             x = torch.complex(x, torch.randn(self.in_shape, generator=g, dtype=dtype))
         x = x.to(device)
         op = self.to(dtype=dtype) if self._tensor_dtypes() else self
-        lam = 0.0
+        event = tuple(range(-len(self.in_shape), 0)) if self.in_shape else None
+        lam = torch.zeros(())
         with torch.no_grad():
             for _ in range(n_iter):
-                x = x / torch.linalg.vector_norm(x)
+                # Per item: a batched operator broadcasts x to (*batch, *in_shape) on the first step.
+                x = x / torch.linalg.vector_norm(x, dim=event, keepdim=True).clamp_min(1e-300)
                 z = op.normal(x)
-                lam = float(torch.linalg.vector_norm(z))
+                lam = torch.linalg.vector_norm(z, dim=event)  # (*batch)
                 x = z
-        return math.sqrt(lam)
+        return math.sqrt(float(lam.max()))
 
     # -- helpers -------------------------------------------------------------------------------
     def _device(self) -> torch.device:

@@ -285,6 +285,7 @@ class CoilExpand(LinearOperator):
 #: this big (2D maps of 8 coils at 256² are 4 MiB; 3D maps at 256³ would be 1 GiB and are not copied).
 SENSE_CONJ_CACHE_BYTES = 64 << 20
 
+
 class SENSE(LinearOperator):
     """Multi-coil Cartesian MRI ``A = P F S``, complex ``(..., *spatial) -> (..., C, *spatial)``.
 

@@ -120,6 +120,7 @@ class Method:
         name: the name specs use.
         summary: one line on what it solves.
         run: ``run(y, op, options)``: an image (direct methods) or a :class:`SolveResult`.
+        modalities: the measurements it serves: ``"mri"`` (Cartesian k-space), ``"ct"`` (sinograms).
         lam: default relative weight (``None``: the method has none).
         max_iter, tol: default iteration cap and tolerance (``0`` and ``0.0`` for direct methods).
     """
@@ -127,6 +128,7 @@ class Method:
     name: str
     summary: str
     run: Runner
+    modalities: tuple[str, ...] = ("mri", "ct")
     lam: float | None = None
     max_iter: int = 0
     tol: float = 0.0
@@ -203,11 +205,21 @@ METHODS: Mapping[str, Method] = MappingProxyType(
     {
         m.name: m
         for m in (
-            Method("zero_filled", "op.pseudo_inverse(y) (zero-filled MRI, FBP CT), else Aᴴy", _zero_filled),
-            Method("fbp", "filtered back-projection; CT operators only", _fbp),
-            Method("cg_sense", "(AᴴA + λI) x = Aᴴy by conjugate gradient", _cg_sense, 0.01, 50, 1e-5),
-            Method("cs_wavelet", "½‖Ax - y‖² + λ‖Wx‖₁ by FISTA", _cs_wavelet, 0.005, 200, 1e-4),
-            Method("cs_tv", "½‖Ax - y‖² + λ TV(x) by PDHG", _cs_tv, 0.01, 300, 1e-4),
+            # On CT, zero_filled would be FBP with a ramp filter: 'fbp' names that, with its filter.
+            Method("zero_filled", "zero-filled inverse FFT (MRI)", _zero_filled, ("mri",)),
+            Method("fbp", "filtered back-projection (CT)", _fbp, ("ct",)),
+            Method(
+                "cg_sense",
+                "(AᴴA + λI) x = Aᴴy by conjugate gradient",
+                _cg_sense,
+                lam=0.01,
+                max_iter=50,
+                tol=1e-5,
+            ),
+            Method(
+                "cs_wavelet", "½‖Ax - y‖² + λ‖Wx‖₁ by FISTA", _cs_wavelet, lam=0.005, max_iter=200, tol=1e-4
+            ),
+            Method("cs_tv", "½‖Ax - y‖² + λ TV(x) by PDHG", _cs_tv, lam=0.01, max_iter=300, tol=1e-4),
         )
     }
 )

@@ -1,11 +1,15 @@
-"""The ``medrecon`` command line. Only this module turns errors into exit codes."""
+"""The ``medrecon`` command line. Only this module turns errors into exit codes.
+
+Exit codes of every command that runs work: 0 all done; 3 some scans were quarantined (a final
+summary lists each with its stage and reason); 2 a spec or argument error; 1 anything else.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,7 +19,9 @@ app = typer.Typer(
     name="medrecon",
     help=(
         "Distributed medical image reconstruction pipelines on Ray, Zarr and MLflow.\n\n"
-        "Start with:  medrecon run pipelines/specs/quickstart.yaml"
+        "Start with:  medrecon run pipelines/specs/quickstart.yaml\n\n"
+        "Exit codes: 0 all done, 3 some scans quarantined (listed at the end), "
+        "2 a spec or argument error, 1 anything else."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -24,13 +30,16 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable in logs
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
+
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline file (YAML), e.g. pipelines/specs/quickstart.yaml")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="Override a field: KEY.PATH=VALUE, repeatable. The first key may be a stage kind "
-        "(--set train.epochs=3) or a top-level field (--set seed=1). VALUE is parsed as YAML.",
+        help="Override a field: KEY.PATH=VALUE, repeatable. The first key may be a stage name, a stage "
+        "kind when only one stage has it (--set train.epochs=3), or a top-level field (--set seed=1). "
+        "VALUE is parsed as YAML.",
     ),
 ]
 DebugOpt = Annotated[
@@ -39,7 +48,6 @@ DebugOpt = Annotated[
         "--debug", help="Show full tracebacks instead of one-line errors, and stream Ray worker logs."
     ),
 ]
-
 
 _COLUMN_TITLES = {
     "psnr": "PSNR (dB)",
@@ -73,55 +81,156 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (PipelineError, OperatorError, ModelError)
 
 
-def _load(spec_path: Path, overrides: list[str] | None, debug: bool):  # type: ignore[no-untyped-def]
+def _load(spec_path: Path, overrides: list[str] | None, debug: bool) -> Any:
     from pipelines.errors import SpecError
-    from pipelines.spec import load_spec
+    from pipelines.specfile import load_spec
 
     try:
         return load_spec(spec_path, overrides or [])
     except SpecError as exc:
-        _fail(exc, debug, 2)
+        _fail(exc, debug, EXIT_USAGE)
+
+
+def _execute(pipeline: Any, debug: bool) -> None:
+    """Run a validated pipeline, print its tables, and exit with the code the outcome deserves."""
+    from pipelines.errors import SpecError
+    from pipelines.runner import run_pipeline
+
+    try:
+        result = run_pipeline(pipeline, console, verbose=debug)
+    except SpecError as exc:
+        _fail(exc, debug, EXIT_USAGE)
+        return
+    except _known_errors() as exc:
+        _fail(exc, debug, EXIT_FAILED)
+        return
+    _print_stages(result)
+    _print_results(result)
+    console.print(
+        f"total {result.seconds:.1f} s; MLflow run [cyan]{result.run_id}[/] at {result.tracking_uri}"
+    )
+    if result.quarantined:
+        err_console.print(f"[bold yellow]{len(result.quarantined)} scan(s) quarantined:[/]", highlight=False)
+        for stage, scan, reason in result.quarantined:
+            err_console.print(f"  - {stage}: {scan}: {reason}", highlight=False)
+        err_console.print(
+            "fix or remove them, then run again: only what is missing is redone", highlight=False
+        )
+        raise typer.Exit(EXIT_QUARANTINED)
+
+
+def _print_stages(result: Any) -> None:
+    stages = Table(title="Stages")
+    for col in ("stage", "status", "wall time (s)", "scans done", "skipped", "failed"):
+        stages.add_column(col, justify="left" if col in ("stage", "status") else "right")
+    for r in result.stages:
+        stages.add_row(r.name, r.status, f"{r.seconds:.1f}", str(r.done), str(r.skipped), str(len(r.failed)))
+    console.print(stages)
+
+
+def _print_results(result: Any) -> None:
+    if not result.metrics:
+        return
+    evaluation = result.evaluation
+    labels = evaluation.get("labels", {})
+    table = Table(title=f"Results ({evaluation.get('n_scans', 0)} scans)")
+    found = {k for d in result.metrics.values() for k in d}
+    names = [n for n in _COLUMN_TITLES if n in found] + sorted(found - set(_COLUMN_TITLES))
+    table.add_column("method", no_wrap=True)
+    for n in names:
+        table.add_column(_COLUMN_TITLES.get(n, n), justify="right")
+    order = [k for k in evaluation.get("methods", []) if k in result.metrics]
+    order += [k for k in result.metrics if k not in order]
+    for key in order:
+        table.add_row(key, *(_format_metric(n, result.metrics[key].get(n)) for n in names))
+    console.print(table)
+    for key in order:
+        if labels.get(key, key) != key:
+            console.print(f"{key}: {labels[key]}")
+    if evaluation.get("without_reference"):
+        console.print(
+            f"note: {evaluation['without_reference']} scan(s) have no reference image and were not scored"
+        )
+    for key in order:
+        values = result.metrics[key]
+        if values.get("converged", 1.0) < 1.0:
+            console.print(
+                f"[yellow]note:[/] {key} stopped at its iteration cap before its tolerance on "
+                f"{1 - values['converged']:.0%} of the scans; raise recon.options.{key}.max_iter "
+                "or loosen its tol"
+            )
 
 
 @app.command()
 def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Run a pipeline: each stage is skipped when its committed output is unchanged, else (re)done."""
-    pipeline = _load(spec, set_, debug)
-    from pipelines.runner import run_pipeline
+    _execute(_load(spec, set_, debug), debug)
+
+
+@app.command()
+def reprocess(
+    archive: Annotated[str, typer.Argument(help="Archive path or URI")],
+    method: Annotated[
+        list[str],
+        typer.Option(
+            "--method",
+            "-m",
+            help="A classical method (zero_filled, fbp, cg_sense, cs_wavelet, cs_tv) or a model URI "
+            "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH). Repeatable.",
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="train, val, test or all")] = "all",
+    scans: Annotated[
+        Path | None, typer.Option(help="A text file of scan IDs, one per line: reconstruct only those")
+    ] = None,
+    actors: Annotated[int, typer.Option(help="Ray Data actors (each loads every model once)")] = 2,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor")] = 0.5,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (models then run on CUDA)")] = 0.0,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow URI for model URIs and metrics; default $MEDRECON_TRACKING_URI, "
+            "else mlflow.db beside the archive"
+        ),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", help="A solver option, METHOD.FIELD=VALUE (e.g. cs_tv.max_iter=100). Repeatable."
+        ),
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Score against the reference images where they exist")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Reconstruct an existing archive with classical methods or registered models; no spec file.
+
+    Writes recon/<key> for each method (a model's key names its version: NAME.vN), with lineage,
+    skipping what is already committed; a re-run does only what is missing.
+    """
+    from pipelines.errors import SpecError
+    from pipelines.reprocess import read_scan_list, reprocess_spec
+    from pipelines.specfile import apply_overrides
 
     try:
-        result = run_pipeline(pipeline, console, verbose=debug)
-    except _known_errors() as exc:
-        _fail(exc, debug, 1)
-        return
-    stages = Table(title="Stages")
-    for col in ("stage", "status", "wall time (s)", "scans done", "skipped", "failed"):
-        stages.add_column(col, justify="left" if col in ("stage", "status") else "right")
-    for r in result.stages:
-        stages.add_row(r.kind, r.status, f"{r.seconds:.1f}", str(r.done), str(r.skipped), str(len(r.failed)))
-    console.print(stages)
-    if result.metrics:
-        metrics = Table(
-            title=f"Results on the test split ({result.outputs['evaluate'].get('n_scans', 0)} scans)"
+        options = apply_overrides({}, list(option or [])) if option else {}
+        pipeline = reprocess_spec(
+            archive,
+            list(method),
+            split=split,
+            scans=read_scan_list(scans) if scans else None,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            tracking_uri=tracking_uri,
+            evaluate=evaluate,
+            options=options,
         )
-        found = {k for d in result.metrics.values() for k in d}
-        names = [n for n in _COLUMN_TITLES if n in found] + sorted(found - set(_COLUMN_TITLES))
-        metrics.add_column("method", no_wrap=True)
-        for n in names:
-            metrics.add_column(_COLUMN_TITLES.get(n, n), justify="right")
-        for method, values in result.metrics.items():
-            metrics.add_row(method, *(_format_metric(n, values.get(n)) for n in names))
-        console.print(metrics)
-        for method, values in result.metrics.items():
-            if values.get("converged", 1.0) < 1.0:
-                console.print(
-                    f"[yellow]note:[/] {method} stopped at its iteration cap before its tolerance on "
-                    f"{1 - values['converged']:.0%} of the scans; raise recon.options.{method}.max_iter "
-                    "or loosen its tol"
-                )
-    console.print(
-        f"total {result.seconds:.1f} s; MLflow run [cyan]{result.run_id}[/] at {result.tracking_uri}"
-    )
+    except SpecError as exc:
+        _fail(exc, debug, EXIT_USAGE)
+        return
+    _execute(pipeline, debug)
 
 
 @app.command()
@@ -139,26 +248,43 @@ def show(
     archive: Annotated[str, typer.Argument(help="Archive path or URI")],
     debug: DebugOpt = False,
 ) -> None:
-    """List an archive's scans: split, shape, and which stages have committed each."""
+    """List an archive's scans and, per output: done (✓), stale (~), quarantined (✗) or not done (·).
+
+    An output counts as done only if its commit carries the fingerprint of the latest stage run
+    that wrote it; a commit left from an earlier run is stale.
+    """
     from pipelines.store import Archive
 
     try:
         a = Archive(archive)
         rows = a.catalog()
+        order = {"source": 0, "measurements": 1, "recon": 2, "evaluate": 3}
+        units = sorted(a.units(), key=lambda u: (order.get(u.split("/")[0], 4), u))
+        current = a.current_fingerprints()
+        committed = {u: a.committed(u) for u in units}
+        quarantined = {u: a.quarantined(u) for u in units}
     except _known_errors() as exc:
-        _fail(exc, debug, 1)
+        _fail(exc, debug, EXIT_FAILED)
         return
     table = Table(title=f"{a.uri}: {len(rows)} scans")
-    stages = ("phantoms", "simulate", "recon", "evaluate")
-    for col in ("scan_id", "split", "shape", *stages):
+    for col in ("scan_id", "split", "shape", *units):
         table.add_column(col)
+
+    def mark(unit: str, scan: str) -> str:
+        if scan in quarantined[unit]:
+            return "✗"
+        fp = committed[unit].get(scan)
+        if fp is None:
+            return "·"
+        return "✓" if current.get(unit, fp) == fp else "~"
+
     for r in rows:
-        marks = [
-            "✓" if a.commit_record(s, r.scan_id) else ("✗" if r.scan_id in a.quarantined(s) else "·")
-            for s in stages
-        ]
-        table.add_row(r.scan_id, r.split, "×".join(map(str, r.shape)), *marks)
+        table.add_row(r.scan_id, r.split, "×".join(map(str, r.shape)), *(mark(u, r.scan_id) for u in units))
     console.print(table)
+    console.print("✓ done  ~ stale (an earlier run's output)  ✗ quarantined  · not done")
+    for unit in units:
+        for scan, error in quarantined[unit].items():
+            console.print(f"[yellow]{unit}: {scan}: {error}[/]")
 
 
 def main() -> None:  # pragma: no cover - entry point

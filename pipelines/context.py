@@ -24,7 +24,10 @@ class StageContext:
         tracker: the pipeline's MLflow run.
         tracking_uri: the MLflow URI (workers open their own client from it).
         console: where progress and tables go.
-        upstream: outputs recorded by the stages that ran (or were skipped) before this one.
+        upstream: outputs recorded by the stages that ran (or were skipped) before this one, by name.
+        fingerprints: the fingerprint of every stage of the pipeline, by name.
+        data_fingerprint: the fingerprint of the measurements this stage reads: the last data stage's,
+            or, when the pipeline has none, the one the archive records for its measurements.
     """
 
     spec: PipelineSpec
@@ -33,6 +36,8 @@ class StageContext:
     tracking_uri: str
     console: Console
     upstream: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    data_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,12 @@ class StageResult:
 
     Attributes:
         outputs: small JSON-able facts later stages need (a model URI, metric means).
+        units: ``{unit: fingerprint}`` of the commit units it wrote (``medrecon show`` reads them).
         done: scans processed now; skipped: scans already committed; failed: ``{scan_id: error}``.
     """
 
     outputs: dict[str, Any] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
     done: int = 0
     skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)

@@ -3,10 +3,14 @@
 Hierarchy::
 
     PipelineError                  base of everything raised on purpose here
-    ├── SpecError                  a pipeline file is unreadable or invalid
-    │                              (names file, field, expected, found)
+    ├── SpecError                  a pipeline file or a command's arguments are invalid
+    │                              (names file or option, field, expected, found)
     ├── ScanIdError (ValueError)   a scan ID that may not become a path part
-    ├── ArchiveError               the archive is missing, unreadable, or lacks an array a stage needs
+    ├── ArchiveError               the archive is missing, unreadable, of another layout version,
+    │   │                          or lacks an array a stage needs
+    │   └── IntegrityError         stored data does not match its commit record: a missing or
+    │                              truncated chunk, a checksum mismatch, NaN/Inf in an output
+    ├── LeaseError                 another run holds the archive's writer lease
     ├── StageError                 a stage failed as a whole (not one scan: those are quarantined)
     └── TrackingError              MLflow is unreachable, or a model URI does not resolve
 
@@ -15,7 +19,16 @@ Library code raises these; only ``pipelines.cli`` turns them into exit codes.
 
 from __future__ import annotations
 
-__all__ = ["PipelineError", "SpecError", "ScanIdError", "ArchiveError", "StageError", "TrackingError"]
+__all__ = [
+    "PipelineError",
+    "SpecError",
+    "ScanIdError",
+    "ArchiveError",
+    "IntegrityError",
+    "LeaseError",
+    "StageError",
+    "TrackingError",
+]
 
 
 class PipelineError(Exception):
@@ -23,7 +36,7 @@ class PipelineError(Exception):
 
 
 class SpecError(PipelineError):
-    """A pipeline file is unreadable or does not validate."""
+    """A pipeline file (or a command's arguments) is unreadable or does not validate."""
 
 
 class ScanIdError(PipelineError, ValueError):
@@ -31,7 +44,15 @@ class ScanIdError(PipelineError, ValueError):
 
 
 class ArchiveError(PipelineError):
-    """The archive is missing, unreadable, or lacks an array a stage needs."""
+    """The archive is missing, unreadable, of another layout version, or lacks an array a stage needs."""
+
+
+class IntegrityError(ArchiveError):
+    """Stored data does not match what its commit recorded (the message names scan, array and chunk)."""
+
+
+class LeaseError(PipelineError):
+    """Another run holds the archive's writer lease (the message names the holder)."""
 
 
 class StageError(PipelineError):

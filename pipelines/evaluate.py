@@ -1,10 +1,13 @@
 """Evaluation stage: metrics per scan and method, means to MLflow, a table, and a figure.
 
-Per scan (one Ray task each) it scores every ``recon/<method>`` against ``image``
-with PSNR, SSIM and NMSE (``operators.metrics``); the scores live in the scan's
-commit marker, so a re-run reads them instead of recomputing. The driver then logs
-``<method>/<metric>`` means to the pipeline's MLflow run, a per-scan Parquet table,
-and a PNG figure (reference, each reconstruction, and error maps for one slice).
+It scores the reconstructions of every recon stage before it. Per scan (one Ray task each) it
+scores every ``recon/<key>`` against ``image`` with PSNR, SSIM and NMSE (``operators.metrics``);
+the scores live in the scan's commit record (unit ``evaluate/<stage name>``), so a re-run reads
+them instead of recomputing. A metric that is NaN or infinite quarantines the scan with the reason,
+and never reaches the table or MLflow. Scans without a reference image (real data reprocessed
+without one) are left out and counted. The driver then logs ``<key>/<metric>`` means to the run's
+MLflow run, a per-scan Parquet table, and a PNG figure (reference, each reconstruction, and error
+maps for one slice).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import numpy as np
 
 from operators.metrics import nmse, psnr, ssim
 from pipelines.context import StageContext, StageResult
+from pipelines.errors import IntegrityError
 from pipelines.fanout import fan_out, summarise
 from pipelines.spec import EvaluateStage
-from pipelines.store import Archive
+from pipelines.store import SOURCE, Archive
 
-__all__ = ["score_scan", "aggregate", "comparison_figure", "run_evaluate"]
+__all__ = ["score_scan", "aggregate", "comparison_figure", "run"]
 
 _METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
@@ -35,20 +39,28 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
     """``{"scores": {method: {metric: value}}}`` for one scan, with each method's recon cost.
 
     The cost (``recon_s``: wall seconds for the scan, ``iterations``: mean solver steps per
-    slab, ``converged``: 1 or 0) comes from the recon commit record, when it has one.
+    slab, ``converged``: 1 or 0) comes from each method's commit record.
+
+    Raises:
+        IntegrityError: a metric is NaN or infinite (named with the method).
     """
     ref = archive.read_array(scan_id, "image")
     rng = float(ref.max() - ref.min())
-    solver = (archive.commit_record("recon", scan_id) or {}).get("solver", {})
     scores: dict[str, dict[str, float]] = {}
     for method in methods:
         recon = archive.read_array(scan_id, f"recon/{method}")
-        scores[method] = {
+        values = {
             m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng))
             for m in metrics
         }
-        cost = solver.get(method, {})
-        scores[method] |= {k: float(cost[k]) for k in COSTS if cost.get(k) is not None}
+        bad = {m: v for m, v in values.items() if not np.isfinite(v)}
+        if bad:
+            raise IntegrityError(
+                f"scan {scan_id!r}: {method} scores {bad}; expected finite metrics "
+                f"(reference range {rng:.3g}: a constant reference gives no PSNR)"
+            )
+        cost = (archive.commit_record(f"recon/{method}", scan_id) or {}).get("solver", {})
+        scores[method] = values | {k: float(cost[k]) for k in COSTS if cost.get(k) is not None}
     return {"scores": scores}
 
 
@@ -71,7 +83,7 @@ def comparison_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref_vol = archive.read_array(scan_id, "image")
+    ref_vol = archive.read_array(scan_id, "image")  # (D, H, W)
     d = ref_vol.shape[0] // 2 if slice_index is None else min(max(slice_index, 0), ref_vol.shape[0] - 1)
     ref = ref_vol[d]
     vmax = float(ref.max())
@@ -84,7 +96,7 @@ def comparison_figure(
         axes[1, 0].imshow(np.broadcast_to(mask, ref.shape) if mask.ndim < 2 else mask, cmap="gray")
         axes[1, 0].set_title(f"sampling mask ({100 * float(np.mean(mask)):.0f}% sampled)")
     elif archive.has_array(scan_id, "sinogram"):
-        sinogram = archive.open_array(scan_id, "sinogram")[d]  # (views, detectors)
+        sinogram = archive.read_array(scan_id, "sinogram", d, d + 1)[0]  # (views, detectors)
         axes[1, 0].imshow(sinogram, cmap="gray", aspect="auto")
         axes[1, 0].set_title(f"sinogram ({sinogram.shape[0]} views)")
         axes[1, 0].set_xlabel("detector")
@@ -105,16 +117,23 @@ def comparison_figure(
     return fig
 
 
-def run_evaluate(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResult:
+def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResult:
+    """Score the recon stages before this one; log means, a per-scan table and a figure."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    recon = ctx.upstream.get("recon", {})
-    methods: list[str] = recon.get("methods", [])
-    ids = [s for s in recon.get("scans", []) if s not in ctx.archive.quarantined("recon")]
+    position = next(i for i, s in enumerate(ctx.spec.stages) if s.name == stage.name)
+    recons = [ctx.upstream.get(s.name, {}) for s in ctx.spec.stages[:position] if s.kind == "recon"]
+    methods = list(dict.fromkeys(k for out in recons for k in out.get("methods", [])))
+    labels = {k: v for out in recons for k, v in out.get("labels", {}).items()}
+    scans = list(dict.fromkeys(s for out in recons for s in out.get("scans", [])))
+    failed = {s for k in methods for s in ctx.archive.quarantined(f"recon/{k}")}
+    with_reference = set(ctx.archive.committed(SOURCE))
+    ids = [s for s in scans if s not in failed and s in with_reference]
+    unit = f"evaluate/{stage.name}"
     outcomes = fan_out(
         ctx.archive,
-        "evaluate",
+        unit,
         ids,
         fingerprint,
         score_scan,
@@ -123,6 +142,7 @@ def run_evaluate(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> S
         num_cpus=1.0,
         console=ctx.console,
         description="evaluate",
+        stage=stage.name,
     )
     per_scan = {o.scan_id: (o.info or {})["scores"] for o in outcomes if o.status != "failed"}
     means = aggregate(per_scan)
@@ -136,12 +156,20 @@ def run_evaluate(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> S
         if rows:
             table_path = Path(tmp) / "per_scan_metrics.parquet"
             pq.write_table(pa.Table.from_pylist(rows), table_path)
-            ctx.tracker.log_artifact(table_path, "evaluation")
+            ctx.tracker.log_artifact(table_path, f"evaluation/{stage.name}")
     if per_scan:
         import matplotlib.pyplot as plt
 
         first = sorted(per_scan)[0]
         fig = comparison_figure(ctx.archive, first, methods, stage.figure_slice)
-        ctx.tracker.log_figure(fig, f"evaluation/{first}_comparison.png")
+        ctx.tracker.log_figure(fig, f"evaluation/{stage.name}/{first}_comparison.png")
         plt.close(fig)
-    return summarise(outcomes, {"means": means, "n_scans": len(per_scan), "per_scan": per_scan})
+    outputs = {
+        "methods": methods,
+        "means": means,
+        "labels": labels,
+        "n_scans": len(per_scan),
+        "without_reference": len([s for s in scans if s not in with_reference]),
+        "per_scan": per_scan,
+    }
+    return summarise(outcomes, outputs, {unit: fingerprint})

@@ -1,9 +1,11 @@
-"""One Ray task per scan, with commit markers, quarantine and a progress bar.
+"""One Ray task per scan, with commit records, quarantine and a progress bar.
 
-:func:`process_scan` is the single place that decides, for one scan and one stage:
+:func:`process_scan` is the single place that decides, for one scan and one commit unit
+(:mod:`pipelines.store`):
 
-* skip it when its commit marker carries the current fingerprint;
-* otherwise run the stage's function, then write the marker (after the data);
+* skip it when its commit record carries the current fingerprint;
+* otherwise run the stage's function, then write the record (after the data), with the
+  checksums of the arrays the function wrote;
 * on any error, remove the arrays it may have half-written, record the error in the
   quarantine, and return the failure, so the rest of the batch goes on.
 
@@ -31,7 +33,15 @@ from rich.progress import (
 from pipelines.context import StageResult
 from pipelines.store import Archive
 
-__all__ = ["ScanOutcome", "process_scan", "fan_out", "progress_bar", "summarise"]
+__all__ = [
+    "ScanOutcome",
+    "process_scan",
+    "process_units",
+    "quarantine",
+    "fan_out",
+    "progress_bar",
+    "summarise",
+]
 
 
 @dataclass(frozen=True)
@@ -47,36 +57,88 @@ class ScanOutcome:
 
 def process_scan(
     archive: Archive,
-    stage: str,
+    unit: str,
     scan_id: str,
     fingerprint: str,
     fn: Callable[..., dict[str, Any]],
     outputs: Sequence[str],
     kwargs: dict[str, Any] | None = None,
+    *,
+    stage: str | None = None,
 ) -> ScanOutcome:
-    """Run ``fn(archive, scan_id, **kwargs)`` for one scan unless already committed (see module docs).
+    """Run ``fn(archive, scan_id, **kwargs)`` for one scan unless ``unit`` is committed (module docs).
 
-    ``outputs`` names the arrays ``fn`` writes, so a failure removes exactly those.
-    ``fn`` returns a small dict stored in the commit marker.
+    ``outputs`` names the arrays ``fn`` writes, so a failure removes exactly those. ``fn`` returns
+    a small dict for the commit record; its ``arrays`` entry (``{name: SlabWriter.record()}``) holds
+    the checksums readers verify. ``stage`` names the stage in quarantine records.
     """
-    record = archive.commit_record(stage, scan_id)
+    record = archive.commit_record(unit, scan_id)
     if record is not None and record.get("fingerprint") == fingerprint:
         return ScanOutcome(scan_id, "skipped", 0.0, info=record)
     t0 = time.perf_counter()
     try:
-        info = fn(archive, scan_id, **(kwargs or {})) or {}
-        archive.commit(stage, scan_id, fingerprint, info)
+        info = dict(fn(archive, scan_id, **(kwargs or {})) or {})
+        arrays = info.pop("arrays", {})
+        archive.commit(unit, scan_id, fingerprint, info, arrays)
         return ScanOutcome(scan_id, "done", time.perf_counter() - t0, info=info)
     except Exception as exc:  # one bad scan must not stop the batch: record it and go on
         message = f"{type(exc).__name__}: {exc}"
-        try:
-            archive.uncommit(stage, scan_id)
-            for name in outputs:
-                archive.delete_array(scan_id, name)
-            archive.quarantine(stage, scan_id, message)
-        except Exception as cleanup_exc:  # pragma: no cover - storage gone; report both
-            message += f" (and cleanup failed: {cleanup_exc})"
+        message += quarantine(archive, unit, scan_id, message, outputs, stage)
         return ScanOutcome(scan_id, "failed", time.perf_counter() - t0, error=message)
+
+
+def process_units(
+    archive: Archive,
+    scan_id: str,
+    units: dict[str, str],
+    fn: Callable[[Archive, str, list[str]], dict[str, Any]],
+    *,
+    stage: str | None = None,
+) -> ScanOutcome:
+    """:func:`process_scan` for several units of one scan that share their input (a recon stage's methods).
+
+    ``units`` maps each unit to its fingerprint; the committed ones are skipped and
+    ``fn(archive, scan_id, pending_units)`` runs the rest, returning per unit either the commit
+    info (with ``arrays``) or the exception that unit failed with. Each unit is committed or
+    quarantined on its own (its array is the unit's name, ``recon/<key>``).
+    """
+    pending = [u for u, fp in units.items() if not archive.is_committed(u, scan_id, fp)]
+    if not pending:
+        return ScanOutcome(scan_id, "skipped", 0.0)
+    t0 = time.perf_counter()
+    try:
+        results = fn(archive, scan_id, pending)
+    except Exception as exc:  # the shared input failed (e.g. unreadable measurements): every unit fails
+        results = {u: exc for u in pending}
+    errors = []
+    for unit in pending:
+        res = results.get(unit, RuntimeError(f"{unit} was not produced"))
+        if isinstance(res, BaseException):
+            message = f"{type(res).__name__}: {res}"
+            message += quarantine(archive, unit, scan_id, message, [unit], stage)
+            errors.append(f"{unit}: {message}" if len(pending) > 1 else message)
+            continue
+        info = dict(res)
+        arrays = info.pop("arrays", {})
+        archive.commit(unit, scan_id, units[unit], info, arrays)
+    seconds = time.perf_counter() - t0
+    if errors:
+        return ScanOutcome(scan_id, "failed", seconds, error="; ".join(errors))
+    return ScanOutcome(scan_id, "done", seconds)
+
+
+def quarantine(
+    archive: Archive, unit: str, scan_id: str, message: str, outputs: Sequence[str], stage: str | None
+) -> str:
+    """Remove what a failed unit half-wrote and record ``message``; returns a note if cleanup failed."""
+    try:
+        archive.uncommit(unit, scan_id)
+        for name in outputs:
+            archive.delete_array(scan_id, name)
+        archive.quarantine(unit, scan_id, message, stage)
+    except Exception as cleanup_exc:  # pragma: no cover - storage gone; report both
+        return f" (and cleanup failed: {cleanup_exc})"
+    return ""
 
 
 def progress_bar(console: Console) -> Progress:
@@ -94,7 +156,7 @@ def progress_bar(console: Console) -> Progress:
 
 def fan_out(
     archive: Archive,
-    stage: str,
+    unit: str,
     scan_ids: Sequence[str],
     fingerprint: str,
     fn: Callable[..., dict[str, Any]],
@@ -105,6 +167,7 @@ def fan_out(
     memory: int | None = None,
     console: Console | None = None,
     description: str | None = None,
+    stage: str | None = None,
 ) -> list[ScanOutcome]:
     """Run :func:`process_scan` as one Ray task per scan and wait for all, with a progress bar."""
     import ray
@@ -114,10 +177,13 @@ def fan_out(
     if memory:
         options["memory"] = memory
     task = ray.remote(process_scan).options(**options)
-    pending = {task.remote(archive, stage, s, fingerprint, fn, list(outputs), kwargs): s for s in scan_ids}
+    pending = {
+        task.remote(archive, unit, s, fingerprint, fn, list(outputs), kwargs, stage=stage): s
+        for s in scan_ids
+    }
     outcomes: list[ScanOutcome] = []
     with progress_bar(console) as progress:
-        bar = progress.add_task(description or stage, total=len(pending))
+        bar = progress.add_task(description or stage or unit, total=len(pending))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=None)
             for ref in ready:
@@ -128,10 +194,15 @@ def fan_out(
     return sorted(outcomes, key=lambda o: order[o.scan_id])
 
 
-def summarise(outcomes: Sequence[ScanOutcome], outputs: dict[str, Any] | None = None) -> StageResult:
+def summarise(
+    outcomes: Sequence[ScanOutcome],
+    outputs: dict[str, Any] | None = None,
+    units: dict[str, str] | None = None,
+) -> StageResult:
     """A :class:`StageResult` counting done, skipped and failed scans."""
     return StageResult(
         outputs=outputs or {},
+        units=units or {},
         done=sum(o.status == "done" for o in outcomes),
         skipped=sum(o.status == "skipped" for o in outcomes),
         failed={o.scan_id: o.error or "" for o in outcomes if o.status == "failed"},

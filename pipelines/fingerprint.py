@@ -1,12 +1,15 @@
-"""Fingerprints that decide whether a stage's committed output can be reused.
+"""Fingerprints that decide whether committed output can be reused, and per-scan seeds.
 
-A stage's fingerprint hashes its own spec, the fingerprint of the stage before it,
-the pipeline seed and the code version, so changing one stage's settings redoes
-that stage and every stage after it, and changing the code redoes everything.
+A stage's fingerprint hashes its own spec (all but its name), the fingerprints of the stages it
+reads from, the pipeline seed, and its **code version**: the source of the stage's module and of
+every module of ``operators``, ``models`` and ``pipelines`` it imports, followed transitively
+(imports inside functions included). So editing the CLI's tables retrains nothing, while editing
+an operator the recon stage uses redoes reconstruction.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -15,33 +18,88 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["code_version", "stage_fingerprint", "scan_seed"]
+__all__ = ["code_version", "module_closure", "stage_fingerprint", "combine", "scan_seed"]
 
+ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("operators", "models", "pipelines")
 
 
+def _module_file(name: str) -> Path | None:
+    """The source file of project module ``name`` (``pkg.mod``), or None if it is not one."""
+    if name.split(".")[0] not in _PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Project modules imported anywhere in ``path`` (``from pkg import mod`` counts ``pkg.mod`` too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    out = set()
+    for name in found:
+        parts = name.split(".")
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py too
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {n for n in out if _module_file(n) is not None}
+
+
 @functools.cache
-def code_version() -> str:
-    """SHA-256 (16 hex digits) of the Python sources of operators/, models/ and pipelines/."""
-    root = Path(__file__).resolve().parent.parent
+def module_closure(*roots: str) -> tuple[str, ...]:
+    """Every project module ``roots`` import, transitively, sorted (the roots included)."""
+    seen: set[str] = set()
+    todo = [r for r in roots if _module_file(r) is not None]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        assert path is not None
+        todo.extend(_imports(path) - seen)
+    return tuple(sorted(seen))
+
+
+@functools.cache
+def code_version(*roots: str) -> str:
+    """SHA-256 (16 hex digits) of the sources of :func:`module_closure` of ``roots``.
+
+    With no roots, of every module of ``operators``, ``models`` and ``pipelines`` (a tag for runs).
+    """
+    modules = (
+        module_closure(*roots)
+        if roots
+        else tuple(
+            ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            for pkg in _PACKAGES
+            for p in sorted((ROOT / pkg).rglob("*.py"))
+        )
+    )
     h = hashlib.sha256()
-    for pkg in _PACKAGES:
-        for path in sorted((root / pkg).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+    for name in modules:
+        path = _module_file(name) or ROOT.joinpath(*name.split(".")).with_suffix(".py")
+        h.update(name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
-def stage_fingerprint(stage: BaseModel, upstream: str, seed: int, extra: dict[str, Any] | None = None) -> str:
-    """Fingerprint of a stage: its spec, the upstream fingerprint, the seed and the code version."""
-    payload = {
-        "stage": stage.model_dump(mode="json"),
-        "upstream": upstream,
-        "seed": seed,
-        "code": code_version(),
-        "extra": extra or {},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+def combine(payload: dict[str, Any]) -> str:
+    """A 20-hex-digit fingerprint of a JSON-able payload."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def stage_fingerprint(stage: BaseModel, upstream: list[str], seed: int, code: str) -> str:
+    """Fingerprint of a stage: its spec (without its name), its upstream fingerprints, the seed, its code."""
+    spec = stage.model_dump(mode="json", exclude={"name"})
+    return combine({"stage": spec, "upstream": list(upstream), "seed": seed, "code": code})
 
 
 def scan_seed(seed: int, scan_id: str, purpose: str) -> int:

@@ -15,9 +15,9 @@ from pipelines.context import StageContext, StageResult
 from pipelines.fanout import fan_out, summarise
 from pipelines.fingerprint import scan_seed
 from pipelines.spec import PhantomStage
-from pipelines.store import Archive, CatalogRow, checksum, validate_scan_id
+from pipelines.store import SOURCE, Archive, CatalogRow, record_digest, validate_scan_id
 
-__all__ = ["phantom_ids", "assign_splits", "write_phantom", "run_phantoms"]
+__all__ = ["phantom_ids", "assign_splits", "write_phantom", "run"]
 
 
 def phantom_ids(stage: PhantomStage) -> list[str]:
@@ -35,16 +35,19 @@ def write_phantom(archive: Archive, scan_id: str, *, stage: PhantomStage, seed: 
     """Generate one seeded phantom and write its image and labels."""
     phantom = random_ellipsoids(stage.shape, seed=scan_seed(seed, scan_id, "phantom"))
     attrs = {"spacing": list(stage.spacing), "modality": "mri", "source": "phantom:random_ellipsoids"}
-    archive.write_array(scan_id, "image", phantom.image, attrs)
-    archive.write_array(scan_id, "labels", phantom.labels, attrs)
-    return {"checksum": checksum(phantom.image)}
+    arrays = {
+        "image": archive.write_array(scan_id, "image", phantom.image, attrs),
+        "labels": archive.write_array(scan_id, "labels", phantom.labels, attrs),
+    }
+    return {"arrays": arrays, "checksum": record_digest(arrays)}
 
 
-def run_phantoms(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> StageResult:
+def run(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> StageResult:
+    """Write the phantoms (one Ray task each) and the catalog."""
     ids = phantom_ids(stage)
     outcomes = fan_out(
         ctx.archive,
-        "phantoms",
+        SOURCE,
         ids,
         fingerprint,
         write_phantom,
@@ -53,6 +56,7 @@ def run_phantoms(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> St
         num_cpus=1.0,
         console=ctx.console,
         description="phantoms",
+        stage=stage.name,
     )
     splits = assign_splits(ids, stage, ctx.spec.seed)
     rows = [
@@ -69,4 +73,4 @@ def run_phantoms(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> St
         for o in outcomes
     ]
     ctx.archive.write_catalog(rows)
-    return summarise(outcomes, {"n_scans": len(ids)})
+    return summarise(outcomes, {"n_scans": len(ids)}, {SOURCE: fingerprint})

@@ -1,16 +1,28 @@
-"""Acquisitions: the parameters recorded with a measurement, and the operator they define.
+"""The typed acquisition of a scan: its operator, and how its measurements are stored and read.
 
-Simulation records an :class:`Acquisition` in the attributes of the measurement array
-(``kspace`` or ``sinogram``), with the mask and coil maps as arrays beside it.
-Reconstruction rebuilds exactly the same operator from that record, so a scan's
-physics is stated once and the two stages cannot drift apart.
+:class:`Acquisition` is the one place that knows measurement layouts. Simulation builds it from
+the spec and writes through it; training, validation and reconstruction rebuild the same one from
+the array's attributes (with the mask and coil maps stored beside it), so a scan's physics is
+stated once and the stages cannot drift apart. Everything outside reads measurements in
+**operator layout**, ``(S, *op.out_shape)`` for a slab of ``S`` slices.
 
-All operators act per 2D slice: input ``(S, H, W)`` for a slab of ``S`` slices.
+Stored layouts (archive layout version 2, :data:`pipelines.store.LAYOUT_VERSION`):
+
+* k-space: complex64 ``(D, C, H, W)``, slice-first (a slab is one contiguous block), ``C = 1`` for
+  a single coil. With a 1D Cartesian mask only the acquired columns are stored,
+  ``(D, C, H, n)`` with attributes ``layout: columns`` and ``columns``, as a scanner records
+  them (4x less to write and read at 4x); :meth:`Acquisition.read` zero-fills the rest.
+* sinogram: float32 ``(D, views, detectors)``.
+
+All operators act per 2D slice: ``CartesianMRI`` ``(S, H, W) -> (S, H, W)``, SENSE
+``(S, H, W) -> (S, C, H, W)``, CT ``(S, H, W) -> (S, views, detectors)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,24 +30,14 @@ import torch
 
 from operators.ct import FanBeam, ParallelBeam, sparse_view_angles
 from operators.linear import LinearOperator
-from pipelines.errors import ArchiveError
-from pipelines.spec import CTSpec
+from pipelines.errors import ArchiveError, StageError
+from pipelines.spec import CTSpec, SimulateStage
 from pipelines.store import Archive
 
-__all__ = [
-    "ct_operator",
-    "mri_operator",
-    "measurement_name",
-    "operator_for_scan",
-    "sampled_columns",
-    "kspace_shape",
-    "read_kspace",
-]
+__all__ = ["Acquisition", "ct_operator", "mri_operator", "sampled_columns", "MEASUREMENT_ARRAYS"]
 
-
-def measurement_name(modality: str) -> str:
-    """The array holding a modality's measurements: ``kspace`` or ``sinogram``."""
-    return {"mri": "kspace", "ct": "sinogram"}[modality]
+#: The array that holds each modality's measurements.
+MEASUREMENT_ARRAYS = {"mri": "kspace", "ct": "sinogram"}
 
 
 def ct_operator(ct: CTSpec, image_shape: tuple[int, int]) -> ParallelBeam | FanBeam:
@@ -57,21 +59,12 @@ def ct_operator(ct: CTSpec, image_shape: tuple[int, int]) -> ParallelBeam | FanB
     )
 
 
-def mri_operator(
-    mask: np.ndarray | torch.Tensor, coil_maps: np.ndarray | torch.Tensor | None = None
-) -> LinearOperator:
-    """Single-coil (``coil_maps`` None) or SENSE Cartesian MRI, per 2D slice.
-
-    Args:
-        mask: ``(H, W)`` sampling mask.
-        coil_maps: complex ``(C, H, W)`` sensitivities, or None.
-    """
+def mri_operator(mask: torch.Tensor, coil_maps: torch.Tensor | None = None) -> LinearOperator:
+    """Single-coil (``coil_maps`` None) or SENSE Cartesian MRI for ``mask`` ``(*batch, H, W)``."""
     from operators.mri import CartesianMRI, sense
 
-    m = torch.as_tensor(np.asarray(mask)).to(torch.float32)
-    if coil_maps is None:
-        return CartesianMRI(m)
-    return sense(m, torch.as_tensor(np.asarray(coil_maps)))
+    m = mask.to(torch.float32)
+    return CartesianMRI(m) if coil_maps is None else sense(m, coil_maps)
 
 
 def sampled_columns(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
@@ -87,64 +80,187 @@ def sampled_columns(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
     return cols if 0 < cols.size < m.shape[1] else None
 
 
-def _column_layout(arr: Any) -> tuple[np.ndarray, int] | None:
-    """``(stored columns, full width)`` of a ``layout: columns`` k-space array; None for full k-space."""
-    attrs = arr.attrs.asdict()
-    layout = attrs.get("layout", "full")
-    if layout == "full":
-        return None
-    if layout != "columns":
-        raise ArchiveError(
-            f"{arr.path}: unknown layout {layout!r} in its attributes; expected 'full' or 'columns'"
-        )
-    cols = np.asarray(attrs["columns"], dtype=np.int64)
-    if arr.shape[-1] != cols.size:
-        raise ArchiveError(
-            f"{arr.path}: stored with {arr.shape[-1]} columns "
-            f"but its 'columns' attribute lists {cols.size}"
-        )
-    return cols, int(attrs["image_shape"][1])
+@dataclass(frozen=True, eq=False)
+class Acquisition:
+    """How one scan was measured.
 
-
-def kspace_shape(arr: Any) -> tuple[int, ...]:
-    """The full k-space shape ``(C, D, H, W)`` of a stored ``kspace`` array, whatever its layout."""
-    columns = _column_layout(arr)
-    return tuple(arr.shape) if columns is None else (*arr.shape[:-1], columns[1])
-
-
-def read_kspace(arr: Any, z0: int | None = None, z1: int | None = None) -> np.ndarray:
-    """Slices ``z0:z1`` of a stored ``kspace`` array as full k-space ``(C, s, H, W)`` complex64.
-
-    Simulation stores 1D-undersampled k-space as its sampled columns only (attribute
-    ``layout: columns`` with the column indices in ``columns``): a scanner acquires only those
-    lines, and at 4x the array is 4x smaller to write and read. This zero-fills the rest.
+    Attributes:
+        modality: ``"mri"`` or ``"ct"``.
+        op: the per-slice operator.
+        image_shape: ``(H, W)`` of a slice.
+        coils: receive coils (1 for single-coil MRI and for CT).
+        mask: the ``(H, W)`` sampling mask (MRI), else None.
+        maps: complex ``(C, H, W)`` coil sensitivities (SENSE), else None.
+        columns: the stored k-space columns of a 1D Cartesian mask, else None (full k-space).
+        ct: the CT settings (CT), else None.
     """
-    columns = _column_layout(arr)  # checked before the read
-    stored = np.asarray(arr[:, z0:z1])  # (C, s, H, W or n_columns)
-    if columns is None:
-        return stored
-    cols, width = columns
-    full = np.zeros((*stored.shape[:-1], width), dtype=stored.dtype)
-    full[..., cols] = stored
-    return full
 
+    modality: str
+    op: LinearOperator
+    image_shape: tuple[int, int]
+    coils: int = 1
+    mask: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
+    columns: np.ndarray | None = None
+    ct: CTSpec | None = None
 
-def operator_for_scan(archive: Archive, scan_id: str) -> tuple[LinearOperator, str, dict[str, Any]]:
-    """Rebuild the operator of a simulated (or ingested) scan from its recorded acquisition.
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def simulated(cls, stage: SimulateStage, mask_seed: int, image_shape: tuple[int, int]) -> Acquisition:
+        """What ``stage`` simulates for slices of ``image_shape``; the mask is seeded by ``mask_seed``."""
+        h, w = image_shape
+        if stage.modality == "ct":
+            return cls("ct", ct_operator(stage.ct_spec, (h, w)), (h, w), ct=stage.ct_spec)
+        from operators.masks import make_mask
+        from operators.mri import birdcage_maps
 
-    Returns ``(operator, measurement array name, acquisition attributes)``.
-    """
-    for name in ("kspace", "sinogram"):
-        if archive.has_array(scan_id, name):
-            attrs = archive.open_array(scan_id, name).attrs.asdict()
-            break
-    else:
-        raise ArchiveError(
-            f"scan {scan_id!r} has no measurements (kspace or sinogram); run the simulate stage first"
+        mask = make_mask(
+            stage.mask.kind, (h, w), stage.mask.acceleration, stage.mask.center_fraction, mask_seed
         )
-    if name == "sinogram":
-        image_shape = tuple(attrs["image_shape"])
-        return ct_operator(CTSpec.model_validate(attrs["ct"]), image_shape), name, attrs
-    mask = archive.read_array(scan_id, "mask")
-    maps = archive.read_array(scan_id, "coil_maps") if attrs.get("coils", 1) > 1 else None
-    return mri_operator(mask, maps), name, attrs
+        maps = birdcage_maps((h, w), stage.coils) if stage.coils > 1 else None
+        return cls("mri", mri_operator(mask, maps), (h, w), stage.coils, mask, maps, sampled_columns(mask))
+
+    @classmethod
+    def from_archive(cls, archive: Archive, scan_id: str) -> Acquisition:
+        """Rebuild a scan's acquisition from its measurement array's attributes, mask and coil maps.
+
+        Raises:
+            ArchiveError: the scan has no measurements, or their attributes are inconsistent.
+        """
+        found = [(m, n) for m, n in MEASUREMENT_ARRAYS.items() if archive.has_array(scan_id, n)]
+        if not found:
+            raise ArchiveError(
+                f"scan {scan_id!r} has no measurements (kspace or sinogram); run the simulate stage first"
+            )
+        modality, name = found[0]
+        arr = archive.open_array(scan_id, name)
+        attrs = arr.attrs.asdict()
+        where = f"scans/{scan_id}/{name}"
+        h, w = (int(v) for v in attrs["image_shape"])
+        if modality == "ct":
+            ct = CTSpec.model_validate(attrs["ct"])
+            return cls("ct", ct_operator(ct, (h, w)), (h, w), ct=ct)
+        coils = int(attrs.get("coils", 1))
+        if len(arr.shape) != 4 or arr.shape[1] != coils:
+            raise ArchiveError(
+                f"{where}: stored with shape {tuple(arr.shape)}; expected (D, C={coils}, H, W) k-space"
+            )
+        mask = torch.from_numpy(archive.read_array(scan_id, "mask"))
+        maps = torch.from_numpy(archive.read_array(scan_id, "coil_maps")) if coils > 1 else None
+        columns = cls._stored_columns(attrs, arr.shape[-1], w, where)
+        return cls("mri", mri_operator(mask, maps), (h, w), coils, mask, maps, columns)
+
+    @staticmethod
+    def _stored_columns(attrs: dict[str, Any], stored: int, width: int, where: str) -> np.ndarray | None:
+        layout = attrs.get("layout", "full")
+        if layout == "full":
+            if stored != width:
+                raise ArchiveError(f"{where}: stored with {stored} columns; expected the full width {width}")
+            return None
+        if layout != "columns":
+            raise ArchiveError(
+                f"{where}: unknown layout {layout!r} in its attributes; expected 'full' or 'columns'"
+            )
+        cols = np.asarray(attrs["columns"], dtype=np.int64)
+        if stored != cols.size:
+            raise ArchiveError(
+                f"{where}: stored with {stored} columns but its 'columns' attribute lists {cols.size}"
+            )
+        return cols
+
+    def describe(self) -> str:
+        """One line, for messages: modality, slice shape, coils or CT geometry."""
+        what = f"{self.modality.upper()} {self.image_shape[0]}x{self.image_shape[1]}"
+        if self.ct is not None:
+            return f"{what} {self.ct.geometry}-beam {self.ct.views} views"
+        return f"{what} {self.coils} coil(s)"
+
+    # -- layout ------------------------------------------------------------------------------------
+    @property
+    def measurement(self) -> str:
+        """The measurement array's name: ``kspace`` or ``sinogram``."""
+        return MEASUREMENT_ARRAYS[self.modality]
+
+    def stored_shape(self, depth: int) -> tuple[int, ...]:
+        """The measurement array's shape for ``depth`` slices."""
+        if self.modality == "ct":
+            return (depth, *self.op.out_shape)
+        h, w = self.image_shape
+        return (depth, self.coils, h, w if self.columns is None else int(self.columns.size))
+
+    def attrs(self) -> dict[str, Any]:
+        """The attributes :meth:`from_archive` rebuilds the acquisition from."""
+        out: dict[str, Any] = {"modality": self.modality, "image_shape": list(self.image_shape)}
+        if self.modality == "ct":
+            assert self.ct is not None
+            return out | {"ct": self.ct.model_dump(), "angles": self.op.angles.tolist()}  # type: ignore[attr-defined]
+        out |= {"coils": self.coils, "axes": "D,C,H,W", "layout": "full"}
+        if self.columns is not None:
+            out |= {"layout": "columns", "columns": self.columns.tolist()}
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays stored beside the measurements: the mask and the coil maps (MRI)."""
+        out: dict[str, np.ndarray] = {}
+        if self.mask is not None:
+            out["mask"] = self.mask.numpy().astype(bool)
+        if self.maps is not None:
+            out["coil_maps"] = self.maps.to(torch.complex64).numpy()
+        return out
+
+    def to_stored(self, y: torch.Tensor) -> np.ndarray:
+        """Measurements ``(S, *op.out_shape)`` in the stored layout (see the module docstring)."""
+        if self.modality == "ct":
+            return y.to(torch.float32).numpy()
+        if self.coils == 1:
+            y = y.unsqueeze(1)  # (S, 1, H, W)
+        if self.columns is not None:
+            y = y[..., torch.from_numpy(self.columns)]  # (S, C, H, n): the acquired lines only
+        return y.to(torch.complex64).numpy()
+
+    def from_stored(self, block: np.ndarray) -> torch.Tensor:
+        """Stored measurements of ``S`` slices in operator layout ``(S, *op.out_shape)``, zero-filled."""
+        if self.modality == "ct":
+            return torch.from_numpy(np.ascontiguousarray(block))
+        if self.columns is not None:
+            full = np.zeros((*block.shape[:-1], self.image_shape[1]), dtype=block.dtype)
+            full[..., self.columns] = block
+            block = full
+        y = torch.from_numpy(block)  # (S, C, H, W)
+        return y[:, 0] if self.coils == 1 else y
+
+    def read(
+        self, archive: Archive, scan_id: str, z0: int | None = None, z1: int | None = None
+    ) -> torch.Tensor:
+        """Slices ``z0:z1`` of the scan's measurements in operator layout, checked against their commit."""
+        return self.from_stored(archive.read_array(scan_id, self.measurement, z0, z1))
+
+    # -- batches -----------------------------------------------------------------------------------
+    @staticmethod
+    def stack(acquisitions: Sequence[Acquisition]) -> LinearOperator:
+        """One operator for a batch whose item ``b`` was measured by ``acquisitions[b]``.
+
+        MRI stacks the masks (and coil maps) into a batched operator; CT needs one geometry for
+        the whole batch.
+
+        Raises:
+            StageError: the acquisitions mix modalities, image shapes, coil counts or CT geometries.
+        """
+        first = acquisitions[0]
+        for other in acquisitions[1:]:
+            same = (other.modality, other.image_shape, other.coils) == (
+                first.modality,
+                first.image_shape,
+                first.coils,
+            )
+            if not same or (first.modality == "ct" and other.ct != first.ct):
+                raise StageError(
+                    f"training batches need one kind of acquisition; found {first.describe()} "
+                    f"beside {other.describe()}"
+                )
+        if first.modality == "ct" or all(a is first for a in acquisitions):
+            return first.op
+        assert first.mask is not None
+        masks = torch.stack([a.mask for a in acquisitions])  # type: ignore[misc]  # (B, H, W)
+        maps = torch.stack([a.maps for a in acquisitions]) if first.maps is not None else None  # type: ignore[misc]
+        return mri_operator(masks, maps)

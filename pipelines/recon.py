@@ -1,47 +1,55 @@
-"""Reconstruction stage: Ray Data batch reconstruction of an archive, resumable.
+"""Reconstruction stage: Ray Data batch reconstruction of an archive, resumable per method.
 
-:class:`Reconstructor` is a callable class for ``Dataset.map_batches``: it loads the
-model once in ``__init__`` (per actor), and for each scan ID in a batch reads the
-k-space and mask from Zarr, reconstructs with every requested method, writes
-``recon/<method>`` (float32 magnitude) and commits the scan. Each method's cost (wall seconds,
-solver iterations, worst final residual) goes into the commit marker and the array's
-``solver`` attribute, and the evaluate stage reports it beside the metrics. A scan that fails is
-quarantined and the batch goes on; a re-run reconstructs only what is missing.
+Each method of a stage (:mod:`pipelines.methods`) writes its own array ``recon/<key>`` and commits
+it as its own unit with its own fingerprint: the method's identity (classical name and solver
+options, or the model's name, version and source run), the fingerprint of the measurements, and
+the code version of this module. So adding a method to a stage reconstructs only that method, and
+``medrecon reprocess`` with the same method reuses what a pipeline wrote.
 
-The class works without Ray on one in-memory batch, which is how it is unit-tested.
+:class:`Reconstructor` is a callable class for ``Dataset.map_batches``: it loads each model once
+in ``__init__`` (per actor); for each scan ID in a batch it reads the measurements slab by slab
+(each slab once, for every pending method), writes the outputs with their lineage (method, model
+URI and version, code version, input checksum, parameters, time) and each method's cost (wall
+seconds, solver iterations, worst final residual, convergence), and commits them. A method that
+fails on a scan is quarantined with its error and the batch goes on; a re-run does only what is
+missing. The class works without Ray on one in-memory batch, which is how it is unit-tested.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from models.inference import reconstruct_slices
 from operators.linear import LinearOperator
+from operators.recon import METHODS, reconstruct
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
-from pipelines.fanout import ScanOutcome, process_scan, progress_bar, summarise
-from pipelines.physics import operator_for_scan, read_kspace
-from pipelines.spec import LEARNED, ReconStage
-from pipelines.store import Archive
-from pipelines.train import reconstruct_slices
+from pipelines.fanout import ScanOutcome, process_units, progress_bar, summarise
+from pipelines.fingerprint import code_version
+from pipelines.methods import MethodRef, ResolvedMethod, resolve_model_uri
+from pipelines.physics import Acquisition
+from pipelines.spec import ReconStage, SolverOptions
+from pipelines.store import MEASUREMENTS, Archive, record_digest
 
-__all__ = ["Reconstructor", "SlabResult", "SolverLog", "measurement_slab", "classical_slab", "run_recon"]
+__all__ = [
+    "Reconstructor",
+    "SlabResult",
+    "SolverLog",
+    "classical_slab",
+    "resolve_methods",
+    "recon_code_version",
+    "run",
+]
 
 
-def measurement_slab(archive: Archive, scan_id: str, name: str, z0: int, z1: int) -> torch.Tensor:
-    """Slices ``z0:z1`` of a scan's measurements in operator layout.
-
-    k-space ``(C, D, H, W)`` becomes ``(s, H, W)`` for one coil or ``(s, C, H, W)`` for SENSE;
-    a sinogram ``(D, views, detectors)`` becomes ``(s, views, detectors)``.
-    """
-    arr = archive.open_array(scan_id, name)
-    if name == "kspace":
-        y = torch.from_numpy(read_kspace(arr, z0, z1))  # (C, s, H, W)
-        return y[0] if y.shape[0] == 1 else y.transpose(0, 1).contiguous()  # (s, H, W) or (s, C, H, W)
-    return torch.from_numpy(np.ascontiguousarray(arr[z0:z1]))
+def recon_code_version() -> str:
+    """The code version every reconstruction's fingerprint carries."""
+    return code_version(__name__)
 
 
 class SlabResult(NamedTuple):
@@ -53,30 +61,19 @@ class SlabResult(NamedTuple):
     converged: bool = True  # met the tolerance before the iteration cap
 
 
-def classical_slab(
-    method: str, y: torch.Tensor, op: LinearOperator, options: dict[str, Any] | None = None
-) -> SlabResult:
-    """A classical reconstruction of a slab of measurements.
+def classical_slab(method: str, y: torch.Tensor, op: LinearOperator, options: dict[str, Any]) -> SlabResult:
+    """A classical reconstruction of a slab with :func:`operators.recon.reconstruct`.
 
-    ``options`` are :func:`operators.recon.reconstruct` keyword arguments (the spec's
-    ``SolverOptions``). Direct methods (zero_filled, fbp) report 0 iterations and no residual;
-    iterative ones their solver's step count, final relative residual and whether it met ``tol``.
+    ``options`` are its keyword arguments (a :class:`~pipelines.spec.SolverOptions` dump). Direct
+    methods report 0 iterations and no residual; iterative ones their solver's step count, final
+    relative residual and whether it met ``tol``.
     """
-    options = options or {}
-    if method == "zero_filled":
-        return SlabResult(op.adjoint(y).abs().numpy().astype(np.float32))
-    if method == "fbp":
-        from operators.ct import fbp
-
-        image = fbp(y, op, filter=options.get("fbp_filter", "ramp"))  # type: ignore[arg-type]
-        return SlabResult(image.abs().numpy().astype(np.float32))
-    from operators.recon import reconstruct
-
     result = reconstruct(method, y, op, **options)
+    iterative = result.iterations > 0 or METHODS[method].lam is not None
     return SlabResult(
         result.image.abs().numpy().astype(np.float32),
         int(result.iterations),
-        float(result.residual),
+        float(result.residual) if iterative else None,
         bool(result.converged),
     )
 
@@ -111,80 +108,137 @@ class SolverLog:
         }
 
 
+def resolve_methods(
+    refs: list[MethodRef],
+    options: dict[str, SolverOptions],
+    tracking_uri: str,
+    trained: dict[str, str] | None = None,
+) -> list[ResolvedMethod]:
+    """Output keys, exact model URIs and identities of a stage's methods (on the driver, before Ray).
+
+    Args:
+        refs: the methods as written.
+        options: solver options per classical name (unset: the method's defaults).
+        tracking_uri: where model URIs resolve.
+        trained: ``{train stage name: model URI}`` for ``learned:<name>`` methods.
+
+    Raises:
+        StageError: a ``learned:`` method names a train stage that recorded no model.
+        TrackingError: a model URI does not resolve.
+    """
+    out = []
+    for ref in refs:
+        if ref.kind == "classical":
+            opts = (options.get(ref.target) or SolverOptions()).model_dump()
+            out.append(ResolvedMethod(ref, ref.target, None, {"method": ref.target, "options": opts}))
+            continue
+        uri = ref.target
+        if ref.kind == "learned":
+            uri = (trained or {}).get(ref.target, "")
+            if not uri:
+                raise StageError(f"method {ref.text!r}: train stage {ref.target!r} recorded no model")
+        key, exact, identity = resolve_model_uri(uri, tracking_uri)
+        out.append(ResolvedMethod(ref, key, exact, identity))
+    keys = [m.key for m in out]
+    if len(set(keys)) != len(keys):
+        raise StageError(f"two methods write the same output: {[m.ref.text for m in out]} give keys {keys}")
+    return out
+
+
 class Reconstructor:
-    """Reconstruct scans named in a batch; see the module docstring.
+    """Reconstruct the scans named in a batch; see the module docstring.
 
     Args:
         archive_uri, storage_options: where the archive is.
-        methods: method names (``zero_filled``, classical names, or ``learned``).
-        fingerprint: the stage fingerprint written into commit markers.
-        model_uri, tracking_uri: the model for ``learned`` (loaded once, here).
-        options: per classical method, :func:`operators.recon.reconstruct` keyword arguments.
+        methods: the :class:`ResolvedMethod` s, as dicts (``dataclasses.asdict``) for Ray.
+        fingerprints: ``{key: fingerprint}`` of each method's unit ``recon/<key>``.
+        tracking_uri: where the models are (needed only if a method has one).
+        stage: the stage's name, for quarantine records and lineage.
+        device: where models run (``cuda`` when the actor has a GPU).
     """
 
     def __init__(
         self,
         archive_uri: str,
         storage_options: dict[str, Any],
-        methods: list[str],
-        fingerprint: str,
-        model_uri: str | None = None,
+        methods: list[dict[str, Any]],
+        fingerprints: dict[str, str],
         tracking_uri: str | None = None,
-        options: dict[str, dict[str, Any]] | None = None,
+        stage: str = "recon",
+        device: str = "cpu",
     ) -> None:
         torch.set_num_threads(1)
         self.archive = Archive(archive_uri, storage_options)
-        self.methods = list(methods)
-        self.options = dict(options or {})
-        self.fingerprint = fingerprint
-        self.model_uri = model_uri
-        self.model = None
-        if LEARNED in self.methods:
-            if model_uri is None or tracking_uri is None:
-                raise StageError("recon: method 'learned' needs model_uri and tracking_uri")
-            from pipelines.tracking import load_model_uri
+        self.methods = [
+            ResolvedMethod(MethodRef(**m["ref"]), m["key"], m["model_uri"], m["identity"]) for m in methods
+        ]
+        self.fingerprints = dict(fingerprints)
+        self.stage = stage
+        self.device = device
+        self.code = recon_code_version()
+        self.models: dict[str, torch.nn.Module] = {}
+        for m in self.methods:
+            if m.model_uri is not None and m.model_uri not in self.models:
+                if tracking_uri is None:
+                    raise StageError(f"method {m.ref.text!r} needs a tracking URI to load {m.model_uri}")
+                from pipelines.tracking import load_model_uri
 
-            self.model, _ = load_model_uri(model_uri, tracking_uri)
+                self.models[m.model_uri] = load_model_uri(m.model_uri, tracking_uri, device)[0]
 
-    def reconstruct_scan(self, archive: Archive, scan_id: str) -> dict[str, Any]:
-        op, name, acq = operator_for_scan(archive, scan_id)
-        depth = archive.open_array(scan_id, name).shape[1 if name == "kspace" else 0]
-        slab = int(acq.get("slab") or depth)
-        h, w = op.in_shape
-        outs = {}
-        for method in self.methods:
-            attrs = {"method": method, "producer": "recon", "fingerprint": self.fingerprint}
-            if method == LEARNED:
-                attrs["model_uri"] = self.model_uri
-            outs[method] = archive.create_array(
-                scan_id, f"recon/{method}", (depth, h, w), np.float32, slab=slab, attrs=attrs
-            )
-        logs = {method: SolverLog() for method in outs}
+    def _slab(self, method: ResolvedMethod, y: torch.Tensor, op: LinearOperator) -> SlabResult:
+        if method.model_uri is not None:
+            return SlabResult(reconstruct_slices(self.models[method.model_uri], y, op, device=self.device))
+        return classical_slab(method.identity["method"], y, op, method.identity["options"])
+
+    def reconstruct_scan(self, archive: Archive, scan_id: str, units: list[str]) -> dict[str, Any]:
+        """Reconstruct ``scan_id`` with the methods of ``units``: ``{unit: commit info or exception}``."""
+        acq = Acquisition.from_archive(archive, scan_id)
+        measured = archive.open_array(scan_id, acq.measurement)
+        depth = measured.shape[0]
+        slab = int(measured.attrs.get("slab") or depth)
+        input_checksum = record_digest((archive.commit_record(MEASUREMENTS, scan_id) or {}).get("arrays", {}))
+        h, w = acq.image_shape
+        results: dict[str, Any] = {}
+        active = {}
+        for method in (m for m in self.methods if f"recon/{m.key}" in units):
+            unit = f"recon/{method.key}"
+            if method.model_uri is None and acq.modality not in METHODS[method.key].modalities:
+                results[unit] = StageError(
+                    f"method {method.key!r} does not apply to {acq.modality.upper()} scan {scan_id!r}; "
+                    f"it serves {list(METHODS[method.key].modalities)}"
+                )
+                continue
+            lineage = method.lineage | {
+                "producer": self.stage,
+                "fingerprint": self.fingerprints[method.key],
+                "code_version": self.code,
+                "input_checksum": input_checksum,
+                "time": time.time(),
+            }
+            writer = archive.create_array(scan_id, unit, (depth, h, w), np.float32, slab=slab, attrs=lineage)
+            active[unit] = (method, writer, SolverLog())
         for z0 in range(0, depth, slab):
-            y = measurement_slab(archive, scan_id, name, z0, z0 + slab)  # read once for every method
-            for method, out in outs.items():
+            if not active:
+                break
+            y = acq.read(archive, scan_id, z0, z0 + slab)  # read once for every method
+            for unit, (method, writer, log) in list(active.items()):
                 t0 = time.perf_counter()
-                if method == LEARNED:
-                    assert self.model is not None
-                    result = SlabResult(reconstruct_slices(self.model, y, op))
-                else:
-                    result = classical_slab(method, y, op, self.options.get(method))
-                logs[method].add(time.perf_counter() - t0, result)
-                out[z0 : z0 + y.shape[0]] = result.image
-        solver = {method: log.summary() for method, log in logs.items()}
-        for method, out in outs.items():
-            out.attrs.update({"solver": solver[method]})
-        return {"methods": self.methods, "solver": solver}
+                try:
+                    out = self._slab(method, y, acq.op)
+                    log.add(time.perf_counter() - t0, out)
+                    writer.write(z0, out.image)
+                except Exception as exc:  # this method fails on this scan; the others go on
+                    results[unit] = exc
+                    del active[unit]
+        for unit, (method, writer, log) in active.items():
+            solver = log.summary()
+            writer.attrs.update({"solver": solver})
+            results[unit] = {"arrays": {unit: writer.record()}, "solver": solver, "method": method.ref.text}
+        return results
 
     def process(self, scan_id: str) -> ScanOutcome:
-        return process_scan(
-            self.archive,
-            "recon",
-            scan_id,
-            self.fingerprint,
-            self.reconstruct_scan,
-            [f"recon/{m}" for m in self.methods],
-        )
+        units = {f"recon/{m.key}": self.fingerprints[m.key] for m in self.methods}
+        return process_units(self.archive, scan_id, units, self.reconstruct_scan, stage=self.stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outcomes = [self.process(str(s)) for s in batch["scan_id"]]
@@ -196,45 +250,59 @@ class Reconstructor:
         }
 
 
-def run_recon(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
+def run(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
+    """Reconstruct the stage's split with every method; one Ray Data actor pool for the archive."""
     import logging
 
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # ray.data sets its own levels on import
-    model_uri = stage.model_uri or ctx.upstream.get("train", {}).get("model_uri")
-    if LEARNED in stage.methods and model_uri is None:
-        raise StageError(
-            "recon: method 'learned' needs a model: "
-            "the train stage recorded none and recon.model_uri is unset"
+    trained = {
+        name: out["model_uri"]
+        for name, out in ctx.upstream.items()
+        if isinstance(out, dict) and "model_uri" in out
+    }
+    methods = resolve_methods(stage.refs(), stage.options, ctx.tracking_uri, trained)
+    code = recon_code_version()
+    fingerprints = {m.key: m.fingerprint(ctx.data_fingerprint, code) for m in methods}
+    measured = ctx.archive.committed(MEASUREMENTS)  # scans whose simulation failed have nothing to read
+    wanted = set(stage.scans) if stage.scans is not None else None
+    ids = [s for s in ctx.archive.scans(stage.split) if s in measured and (wanted is None or s in wanted)]
+    outcomes: list[ScanOutcome] = []
+    if ids:
+        data_ctx = ray.data.DataContext.get_current()
+        data_ctx.enable_progress_bars = False  # one rich bar on the terminal instead
+        ds = ray.data.from_items([{"scan_id": s} for s in ids]).map_batches(
+            Reconstructor,
+            fn_constructor_kwargs={
+                "archive_uri": ctx.archive.uri,
+                "storage_options": ctx.archive.storage_options,
+                "methods": [asdict(m) for m in methods],
+                "fingerprints": fingerprints,
+                "tracking_uri": ctx.tracking_uri,
+                "stage": stage.name,
+                "device": "cuda" if stage.gpus_per_actor > 0 else "cpu",
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(stage.actors, len(ids))),
+            num_cpus=stage.cpus_per_actor,
+            num_gpus=stage.gpus_per_actor or None,
         )
-    failed_sim = set(ctx.archive.quarantined("simulate"))  # nothing to reconstruct for those
-    ids = [s for s in ctx.archive.scans(stage.split) if s not in failed_sim]
-    data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = False  # one rich bar on the terminal instead
-    ds = ray.data.from_items([{"scan_id": s} for s in ids]).map_batches(
-        Reconstructor,
-        fn_constructor_kwargs={
-            "archive_uri": ctx.archive.uri,
-            "storage_options": ctx.archive.storage_options,
-            "methods": stage.methods,
-            "fingerprint": fingerprint,
-            "model_uri": model_uri,
-            "tracking_uri": ctx.tracking_uri,
-            "options": {m: o.model_dump() for m, o in stage.options.items()},
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=stage.actors),
-        num_cpus=stage.cpus_per_actor,
-    )
-    outcomes = []
-    with progress_bar(ctx.console) as progress:
-        bar = progress.add_task(f"reconstruct ({', '.join(stage.methods)})", total=len(ids))
-        for row in ds.iter_rows():
-            outcomes.append(
-                ScanOutcome(
-                    str(row["scan_id"]), str(row["status"]), float(row["seconds"]), str(row["error"]) or None
+        with progress_bar(ctx.console) as progress:
+            bar = progress.add_task(f"reconstruct ({', '.join(m.key for m in methods)})", total=len(ids))
+            for row in ds.iter_rows():
+                outcomes.append(
+                    ScanOutcome(
+                        str(row["scan_id"]),
+                        str(row["status"]),
+                        float(row["seconds"]),
+                        str(row["error"]) or None,
+                    )
                 )
-            )
-            progress.advance(bar)
-    return summarise(outcomes, {"methods": stage.methods, "model_uri": model_uri, "scans": ids})
+                progress.advance(bar)
+    outputs = {
+        "methods": [m.key for m in methods],
+        "labels": {m.key: m.ref.text for m in methods},
+        "scans": ids,
+    }
+    return summarise(outcomes, outputs, {f"recon/{key}": fp for key, fp in fingerprints.items()})

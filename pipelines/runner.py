@@ -1,56 +1,56 @@
-"""Run a pipeline spec: fingerprints, skip-or-run per stage, tracking, timing.
+"""Run a pipeline spec: plan fingerprints, skip or run each stage in order, track, time.
 
-For each stage in order the runner computes its fingerprint (its spec, the stage
-before it, the seed, the code version). A stage whose record in the archive carries
-the same fingerprint and is complete is skipped, and its recorded outputs (a model
-URI, metric means) feed the stages after it. Otherwise the stage runs; inside it,
-per-scan commit markers make the work resume where a previous run stopped.
+:func:`plan` gives every stage its fingerprint: its spec, the fingerprints of what it reads, the
+seed, and its code version (:func:`pipelines.fingerprint.code_version`). What a stage reads:
+
+* a data stage (phantoms, simulate): the data stage before it;
+* a train stage: the measurements (the last data stage);
+* a recon stage: the measurements and the train stages its ``learned:<name>`` methods name;
+* an evaluate stage: the measurements and the recon stages before it.
+
+So a second train stage does not retrain the first, and a changed recon stage does not retrain
+anything. A pipeline without data stages reads the measurements the archive records (the
+fingerprint of the stage that last wrote them), which is how ``medrecon reprocess`` and a
+pipeline that wrote the same outputs agree on what is already done.
+
+A stage whose record in the archive carries the same fingerprint and is complete is skipped, and
+its recorded outputs (a model URI, metric means) feed the stages after it. Otherwise it runs;
+inside it, per-scan commit records make the work resume where a previous run stopped.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
 
-from pipelines.context import StageContext, StageResult
+from pipelines.context import StageContext
 from pipelines.errors import PipelineError
-from pipelines.fingerprint import code_version, stage_fingerprint
-from pipelines.spec import PipelineSpec, Settings
-from pipelines.store import Archive
+from pipelines.fingerprint import code_version, combine, stage_fingerprint
+from pipelines.spec import STAGE_KINDS, PipelineSpec, Settings
+from pipelines.store import MEASUREMENTS, SOURCE, Archive
 from pipelines.tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_pipeline_run
 
-__all__ = ["StageReport", "PipelineResult", "run_pipeline", "ensure_ray", "STAGES"]
+__all__ = ["PlannedStage", "StageReport", "PipelineResult", "plan", "run_pipeline", "ensure_ray"]
 
 
-def _stages() -> dict[str, Callable[[StageContext, Any, str], StageResult]]:
-    from pipelines.evaluate import run_evaluate
-    from pipelines.ingest import run_phantoms
-    from pipelines.recon import run_recon
-    from pipelines.simulate import run_simulate
-    from pipelines.train import run_train
+@dataclass(frozen=True)
+class PlannedStage:
+    """A stage with its fingerprint and the fingerprint of the measurements it reads."""
 
-    return {
-        "phantoms": run_phantoms,
-        "simulate": run_simulate,
-        "train": run_train,
-        "recon": run_recon,
-        "evaluate": run_evaluate,
-    }
-
-
-STAGES = ("phantoms", "simulate", "train", "recon", "evaluate")
+    stage: Any
+    fingerprint: str
+    data_fingerprint: str
 
 
 @dataclass(frozen=True)
 class StageReport:
     """One stage of one run: status is "ran", "skipped" or "failed"."""
 
+    name: str
     kind: str
     status: str
     seconds: float
@@ -72,9 +72,46 @@ class PipelineResult:
     seconds: float
 
     @property
+    def evaluation(self) -> dict[str, Any]:
+        """The outputs of the last evaluate stage (empty without one)."""
+        names = [r.name for r in self.stages if r.kind == "evaluate"]
+        return self.outputs.get(names[-1], {}) if names else {}
+
+    @property
     def metrics(self) -> dict[str, dict[str, float]]:
-        """``{method: {metric: mean}}`` from the evaluate stage (empty without one)."""
-        return self.outputs.get("evaluate", {}).get("means", {})
+        """``{output key: {metric: mean}}`` from the last evaluate stage."""
+        return self.evaluation.get("means", {})
+
+    @property
+    def quarantined(self) -> list[tuple[str, str, str]]:
+        """``(stage, scan_id, reason)`` of every scan a stage of this run quarantined."""
+        return [(r.name, scan, why) for r in self.stages for scan, why in r.failed.items()]
+
+
+def external_data_fingerprint(archive: Archive) -> str:
+    """What a pipeline without data stages reads: the archive's current source and measurements."""
+    current = archive.current_fingerprints()
+    return combine({"source": current.get(SOURCE, ""), "measurements": current.get(MEASUREMENTS, "")})
+
+
+def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
+    """Every stage with its fingerprint (see the module docstring), in order."""
+    fingerprints: dict[str, str] = {}
+    data = external_data
+    out = []
+    for stage in spec.stages:
+        kind = STAGE_KINDS[stage.kind]
+        upstream = [data]
+        if stage.kind == "recon":
+            upstream += [fingerprints[r.target] for r in stage.refs() if r.kind == "learned"]
+        elif stage.kind == "evaluate":
+            upstream += [fingerprints[s.name] for s in spec.stages[: len(out)] if s.kind == "recon"]
+        fp = stage_fingerprint(stage, upstream, spec.seed, code_version(kind.module))
+        out.append(PlannedStage(stage, fp, data))
+        fingerprints[stage.name] = fp
+        if kind.role == "data":
+            data = fp
+    return out
 
 
 def ensure_ray(spec: PipelineSpec, verbose: bool = False) -> bool:
@@ -112,6 +149,15 @@ def ensure_ray(spec: PipelineSpec, verbose: bool = False) -> bool:
     return True
 
 
+def _params(spec: PipelineSpec) -> dict[str, Any]:
+    """The fingerprinted settings, flat: ``<stage name>.<field>`` and ``pipeline.seed``."""
+    out: dict[str, Any] = {"pipeline.seed": spec.seed}
+    for stage in spec.stages:
+        for key, value in stage.model_dump(mode="json", exclude={"name"}).items():
+            out[f"{stage.name}.{key}"] = value
+    return out
+
+
 def run_pipeline(
     spec: PipelineSpec, console: Console | None = None, *, verbose: bool = False
 ) -> PipelineResult:
@@ -120,20 +166,18 @@ def run_pipeline(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     console = console or Console()
     t_start = time.perf_counter()
-    creates = spec.stage("phantoms") is not None
+    creates = any(STAGE_KINDS[s.kind].role == "data" and s.kind == "phantoms" for s in spec.stages)
     archive = Archive(spec.archive.path, spec.archive.storage_options, create=creates)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, archive.uri, archive.is_local)
 
-    fingerprints: dict[str, str] = {}
-    upstream_fp = ""
-    for stage in spec.stages:
-        upstream_fp = stage_fingerprint(stage, upstream_fp, spec.seed)
-        fingerprints[stage.kind] = upstream_fp
+    has_data = any(STAGE_KINDS[s.kind].role == "data" for s in spec.stages)
+    planned = plan(spec, "" if has_data else external_data_fingerprint(archive))
+    fingerprints = {p.stage.name: p.fingerprint for p in planned}
     run_id = start_pipeline_run(
         tracking_uri,
         spec.tracking.experiment,
         spec.name,
-        upstream_fp,
+        combine({"name": spec.name, "stages": fingerprints}),
         {
             "medrecon.pipeline": spec.name,
             "medrecon.code_version": code_version(),
@@ -141,46 +185,58 @@ def run_pipeline(
         },
     )
     tracker = MlflowTracker(tracking_uri, run_id)
-    tracker.log_params(
-        {
-            "pipeline.seed": spec.seed,
-            "pipeline.spec": json.dumps(spec.model_dump(mode="json"), sort_keys=True),
-        }
-    )
+    tracker.log_params(_params(spec))
     console.print(
         f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, "
         f"MLflow run {run_id} at {tracking_uri}"
     )
 
     started = ensure_ray(spec, verbose)
-    stage_fns = _stages()
     upstream: dict[str, dict[str, Any]] = {}
     reports: list[StageReport] = []
     try:
-        for stage in spec.stages:
-            fp = fingerprints[stage.kind]
-            record = archive.stage_record(stage.kind)
+        for step in planned:
+            stage, fp = step.stage, step.fingerprint
+            record = archive.stage_record(stage.name)
             if record and record.get("fingerprint") == fp and record.get("complete", False):
-                upstream[stage.kind] = record.get("outputs", {})
-                reports.append(StageReport(stage.kind, "skipped", 0.0, fp))
-                console.print(f"[dim]{stage.kind}: unchanged (fingerprint {fp}), skipped[/]")
+                upstream[stage.name] = record.get("outputs", {})
+                reports.append(StageReport(stage.name, stage.kind, "skipped", 0.0, fp))
+                console.print(f"[dim]{stage.name}: unchanged (fingerprint {fp}), skipped[/]")
                 continue
-            ctx = StageContext(spec, archive, tracker, tracking_uri, console, dict(upstream))
+            ctx = StageContext(
+                spec,
+                archive,
+                tracker,
+                tracking_uri,
+                console,
+                dict(upstream),
+                fingerprints,
+                step.data_fingerprint,
+            )
             t0 = time.perf_counter()
             try:
-                result = stage_fns[stage.kind](ctx, stage, fp)
+                result = STAGE_KINDS[stage.kind].runner()(ctx, stage, fp)
             except PipelineError:
-                reports.append(StageReport(stage.kind, "failed", time.perf_counter() - t0, fp))
+                reports.append(StageReport(stage.name, stage.kind, "failed", time.perf_counter() - t0, fp))
                 raise
             seconds = time.perf_counter() - t0
-            archive.commit_stage(stage.kind, fp, result.outputs, complete=not result.failed)
-            upstream[stage.kind] = result.outputs
-            tracker.log_metrics({f"stage_seconds/{stage.kind}": seconds})
+            archive.commit_stage(
+                stage.name,
+                fp,
+                result.outputs,
+                kind=stage.kind,
+                units=result.units,
+                complete=not result.failed,
+            )
+            upstream[stage.name] = result.outputs
+            tracker.log_metrics({f"stage_seconds/{stage.name}": seconds})
             reports.append(
-                StageReport(stage.kind, "ran", seconds, fp, result.done, result.skipped, result.failed)
+                StageReport(
+                    stage.name, stage.kind, "ran", seconds, fp, result.done, result.skipped, result.failed
+                )
             )
             for scan_id, error in result.failed.items():
-                console.print(f"[yellow]{stage.kind}: scan {scan_id} quarantined: {error}[/]")
+                console.print(f"[yellow]{stage.name}: scan {scan_id} quarantined: {error}[/]")
         finish_run(tracking_uri, run_id, "FINISHED")
     except BaseException:
         finish_run(tracking_uri, run_id, "FAILED")

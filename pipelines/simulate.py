@@ -9,8 +9,8 @@
 
 A volume is processed slab by slab (``slab`` slices at a time) into an output array
 whose chunks or shards are those slabs, so a task's memory is bounded by one slab, not the
-volume. With a 1D Cartesian mask only the acquired k-space columns are stored (attribute
-``layout: columns``; :func:`pipelines.physics.read_kspace` zero-fills the rest).
+volume. :class:`pipelines.physics.Acquisition` decides the stored layout (k-space slice-first
+``(D, C, H, W)``; with a 1D Cartesian mask only the acquired columns).
 Noise is seeded per slice from the pipeline seed and the scan ID, so the same spec and
 seed give the same archive whatever the slab size. Before anything is written, the
 image is checked for NaN/Inf, so a bad scan leaves nothing behind.
@@ -18,29 +18,26 @@ image is checked for NaN/Inf, so a bad scan leaves nothing behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from operators.errors import NonFiniteError, ShapeError
-from operators.linear import LinearOperator
-from operators.masks import make_mask
-from operators.noise import sigma_for_snr
+from operators.noise import low_dose_sinogram, sigma_for_snr
 from pipelines.context import StageContext, StageResult
 from pipelines.fanout import fan_out, summarise
 from pipelines.fingerprint import scan_seed
-from pipelines.physics import ct_operator, mri_operator, sampled_columns
+from pipelines.physics import Acquisition
 from pipelines.spec import MaskSpec, SimulateStage
-from pipelines.store import Archive
+from pipelines.store import MEASUREMENTS, Archive
 
 __all__ = [
-    "MRIAcquisition",
-    "mri_acquisition",
+    "acquisition_for",
+    "simulate_volume",
     "simulate_mri_volume",
     "simulate_scan",
-    "run_simulate",
+    "run",
     "check_finite",
     "read_checked",
 ]
@@ -99,77 +96,60 @@ def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
     return torch.complex(re, im) * (sigma / np.sqrt(2.0))
 
 
-@dataclass(frozen=True)
-class MRIAcquisition:
-    """A scan's MRI acquisition: its mask, coil maps (None for one coil), operator and stored columns."""
-
-    mask: torch.Tensor  # (H, W) bool
-    maps: torch.Tensor | None  # (C, H, W) complex
-    op: LinearOperator
-    columns: np.ndarray | None  # sampled columns stored (1D Cartesian masks), None: full k-space
-
-    def stored_width(self, w: int) -> int:
-        return w if self.columns is None else int(self.columns.size)
+def acquisition_for(stage: SimulateStage, scan_id: str, seed: int, shape: tuple[int, int]) -> Acquisition:
+    """The acquisition ``stage`` simulates for one scan: its mask is seeded per scan."""
+    return Acquisition.simulated(stage, scan_seed(seed, scan_id, "mask"), shape)
 
 
-def mri_acquisition(stage: SimulateStage, scan_id: str, seed: int, shape: tuple[int, int]) -> MRIAcquisition:
-    """The seeded mask (per scan), coil maps and operator of ``stage`` for slices of ``shape``."""
-    from operators.mri import birdcage_maps
-
-    mask = make_mask(
-        stage.mask.kind,
-        shape,
-        stage.mask.acceleration,
-        stage.mask.center_fraction,
-        scan_seed(seed, scan_id, "mask"),
-    )
-    maps = birdcage_maps(shape, stage.coils) if stage.coils > 1 else None
-    return MRIAcquisition(mask, maps, mri_operator(mask.to(torch.float32), maps), sampled_columns(mask))
-
-
-def _simulate_mri(
+def simulate_volume(
     image: Any,
     stage: SimulateStage,
-    acq: MRIAcquisition,
+    acq: Acquisition,
     scan_id: str,
     seed: int,
-    out: Any | None = None,
+    write: Any,
     energy: float | None = None,
 ) -> float:
-    """MRI simulation of ``image`` (D, H, W) into ``out``, slab by slab; returns the noise σ.
+    """Simulate ``image`` ``(D, H, W)`` slab by slab, handing each slab to ``write(z0, stored)``.
 
-    ``out`` is ``(C, D, H, W)``, or ``(C, D, H, n)`` holding only the ``n`` columns ``acq.columns``.
+    ``stored`` is in the archive's layout (:meth:`Acquisition.to_stored`). Returns the MRI noise σ
+    (0 for CT). Noise is seeded per slice, so the slab size never changes the result.
     """
     depth, h, w = image.shape
     slab = stage.slab or depth
-    mask_f = acq.mask.to(torch.float32)
-    compact = out is not None and acq.columns is not None and out.shape[-1] == acq.columns.size
-    cols = torch.from_numpy(acq.columns) if compact else None
-    # One σ for the whole scan, whatever the slab size. Its reference is the RMS of the fully sampled
-    # noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is ‖x‖ / sqrt(C · N) and so
-    # comes from the image in one cheap pass; operators.noise.kspace_noise instead takes the RMS of
-    # the sampled entries of one array, which would differ from slab to slab.
-    if energy is None:  # in-memory callers; simulate_scan passes the energy from its finite check
-        energy = check_finite(image, slab)
-    rms = float(np.sqrt(energy / (stage.coils * image.size)))
-    sigma = 0.0 if stage.snr_db is None else sigma_for_snr(rms, stage.snr_db)
+    sigma = 0.0
+    if acq.modality == "mri":
+        # One σ for the whole scan, whatever the slab size. Its reference is the RMS of the fully
+        # sampled noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is
+        # ‖x‖ / sqrt(C · N) and so comes from the image in one cheap pass.
+        if energy is None:  # in-memory callers; simulate_scan passes the energy from its finite check
+            energy = check_finite(image, slab)
+        rms = float(np.sqrt(energy / (stage.coils * int(np.prod(image.shape)))))
+        sigma = 0.0 if stage.snr_db is None else sigma_for_snr(rms, stage.snr_db)
     for z0 in range(0, depth, slab):
         x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
-        y = acq.op.forward(x)  # (s, H, W) single coil or (s, C, H, W)
-        y = y.reshape(x.shape[0], stage.coils, h, w).transpose(0, 1)  # (C, s, H, W)
-        if sigma > 0:
+        y = acq.op.forward(x)  # (s, *op.out_shape)
+        if acq.modality == "mri" and sigma > 0:
+            assert acq.mask is not None
             noise = torch.stack(
                 [
                     _noise((stage.coils, h, w), sigma, scan_seed(seed, scan_id, f"noise/{z0 + i}"))
                     for i in range(x.shape[0])
-                ],
-                dim=1,
-            )  # (C, s, H, W)
-            y = y + noise * mask_f
-        if cols is not None:
-            y = y[..., cols]  # (C, s, H, n): the acquired lines only (4x faster than index_select(-1))
-        if out is not None:
-            out[:, z0 : z0 + x.shape[0]] = y.to(torch.complex64).numpy()
+                ]
+            )  # (s, C, H, W)
+            y = y + (noise[:, 0] if stage.coils == 1 else noise) * acq.mask.to(torch.float32)
+        elif acq.modality == "ct" and acq.ct is not None and acq.ct.i0 is not None:
+            # Photons see the physical line integral μ·(A x); the stored sinogram stays in image
+            # units (divided back by μ), so y = A x + noise and FBP returns the image scale.
+            mu = acq.ct.attenuation
+            y = torch.stack(
+                [
+                    low_dose_sinogram(mu * y[i], acq.ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}"))
+                    / mu
+                    for i in range(y.shape[0])
+                ]
+            )
+        write(z0, acq.to_stored(y))
     return sigma
 
 
@@ -181,86 +161,73 @@ def simulate_mri_volume(
     scan_id: str = "scan",
     coils: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """In-memory MRI simulation of a volume ``(D, H, W)``: ``(kspace (C, D, H, W), mask (H, W))``."""
+    """In-memory MRI simulation of a volume ``(D, H, W)``: ``(kspace (D, C, H, W), mask (H, W))``.
+
+    The k-space is full (zero where unsampled), not the archive's compact column layout.
+    """
     if image.ndim != 3:
         raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
     check_finite(image, image.shape[0])
     stage = SimulateStage(kind="simulate", mask=mask_spec, snr_db=snr_db, coils=coils)
-    acq = mri_acquisition(stage, scan_id, seed, image.shape[1:])
-    out = np.zeros((coils, *image.shape), np.complex64)
-    _simulate_mri(image, stage, acq, scan_id, seed, out)
+    acq = acquisition_for(stage, scan_id, seed, image.shape[1:])
+    out = np.zeros((image.shape[0], coils, *image.shape[1:]), np.complex64)
+
+    def write(z0: int, stored: np.ndarray) -> None:
+        y = acq.from_stored(stored)  # zero-filled, operator layout
+        out[z0 : z0 + stored.shape[0]] = (y.unsqueeze(1) if coils == 1 else y).numpy()
+
+    simulate_volume(image, stage, acq, scan_id, seed, write)
+    assert acq.mask is not None
     return out, acq.mask.numpy().astype(bool)
 
 
 def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed: int) -> dict[str, Any]:
     """Read one scan's image slab by slab, simulate, and write its measurements (see module docs)."""
-    from operators.noise import low_dose_sinogram
-
-    image = archive.open_array(scan_id, "image")  # lazy: read slab by slab
+    image = archive.reader(scan_id, "image")  # lazy and verified: read slab by slab
     if len(image.shape) != 3:
         raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
     depth, h, w = image.shape
     slab = stage.slab or depth
-    energy, image = read_checked(image, slab)  # before anything is written; in memory if small
-    attrs: dict[str, Any] = {"modality": stage.modality, "seed": seed, "producer": "simulate", "slab": slab,
-                             "image_shape": [h, w]}  # fmt: skip
-    if stage.modality == "mri":
-        attrs |= {"mask": stage.mask.model_dump(), "coils": stage.coils, "snr_db": stage.snr_db}
-        acq = mri_acquisition(stage, scan_id, seed, (h, w))
-        if acq.columns is not None:  # 1D Cartesian: store the acquired lines only (physics.read_kspace)
-            attrs |= {"layout": "columns", "columns": acq.columns.tolist()}
-        out = archive.create_array(
-            scan_id,
-            "kspace",
-            (stage.coils, depth, h, acq.stored_width(w)),
-            np.complex64,
-            slab=slab,
-            slab_axis=1,
-            attrs=attrs,
-            compress=False,
-            slab_chunks=True,
-        )
-        sigma = _simulate_mri(image, stage, acq, scan_id, seed, out, energy)
-        archive.write_array(scan_id, "mask", acq.mask.numpy().astype(bool), attrs)
-        if acq.maps is not None:
-            archive.write_array(scan_id, "coil_maps", acq.maps.to(torch.complex64).numpy(), attrs)
-        return {"sampled_fraction": float(acq.mask.float().mean()), "noise_sigma": sigma}
-    ct = stage.ct_spec
-    op = ct_operator(ct, (h, w))
-    attrs |= {"ct": ct.model_dump(), "angles": op.angles.tolist()}
+    energy, source = read_checked(image, slab)  # before anything is written; in memory if small
+    acq = acquisition_for(stage, scan_id, seed, (h, w))
+    attrs = {**acq.attrs(), "seed": seed, "producer": "simulate", "slab": slab}
+    if acq.modality == "mri":
+        attrs |= {"mask": stage.mask.model_dump(), "snr_db": stage.snr_db}
     out = archive.create_array(
-        scan_id, "sinogram", (depth, *op.out_shape), np.float32, slab=slab, attrs=attrs
+        scan_id,
+        acq.measurement,
+        acq.stored_shape(depth),
+        np.complex64 if acq.modality == "mri" else np.float32,
+        slab=slab,
+        attrs=attrs,
+        compress=acq.modality == "ct",  # noisy k-space compresses ~1.08x: raw is faster
+        slab_chunks=acq.modality == "mri",
     )
-    for z0 in range(0, depth, slab):
-        x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
-        p = op.forward(x)  # (s, views, detectors)
-        if ct.i0 is not None:
-            # Photons see the physical line integral μ·(A x); the stored sinogram stays in image units
-            # (divided back by μ), so y = A x + noise and FBP returns the image scale.
-            mu = ct.attenuation
-            p = torch.stack(
-                [
-                    low_dose_sinogram(mu * p[i], ct.i0, seed=scan_seed(seed, scan_id, f"dose/{z0 + i}")) / mu
-                    for i in range(p.shape[0])
-                ]
-            )
-        out[z0 : z0 + x.shape[0]] = p.numpy().astype(np.float32)
-    return {"views": ct.views, "i0": ct.i0}
+    sigma = simulate_volume(source, stage, acq, scan_id, seed, out.write, energy)
+    arrays = {acq.measurement: out.record()}
+    arrays |= {name: archive.write_array(scan_id, name, data, attrs) for name, data in acq.arrays().items()}
+    info: dict[str, Any] = {"arrays": arrays}
+    if acq.modality == "mri":
+        assert acq.mask is not None
+        return info | {"sampled_fraction": float(acq.mask.float().mean()), "noise_sigma": sigma}
+    assert acq.ct is not None
+    return info | {"views": acq.ct.views, "i0": acq.ct.i0}
 
 
-def run_simulate(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResult:
+def run(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResult:
+    """Simulate every scan of the archive, one Ray task each."""
     ids = ctx.archive.scans("all")
-    outputs = ["mask", "kspace", "coil_maps"] if stage.modality == "mri" else ["sinogram"]
     outcomes = fan_out(
         ctx.archive,
-        "simulate",
+        MEASUREMENTS,
         ids,
         fingerprint,
         simulate_scan,
-        outputs,
+        ["mask", "kspace", "coil_maps", "sinogram"],
         {"stage": stage, "seed": ctx.spec.seed},
         num_cpus=stage.num_cpus,
         console=ctx.console,
         description=f"simulate {'k-space' if stage.modality == 'mri' else 'sinograms'}",
+        stage=stage.name,
     )
-    return summarise(outcomes, {"modality": stage.modality})
+    return summarise(outcomes, {"modality": stage.modality}, {MEASUREMENTS: fingerprint})

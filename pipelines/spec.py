@@ -1,4 +1,4 @@
-"""Typed, frozen, closed pydantic models of a pipeline file.
+"""Typed, frozen, closed pydantic models of a pipeline file, and the registry of stage kinds.
 
 A pipeline file is YAML::
 
@@ -9,30 +9,39 @@ A pipeline file is YAML::
     stages:
       - {kind: phantoms, n_scans: 16, shape: [16, 96, 96], split: {train: 10, val: 2, test: 4}}
       - {kind: simulate, modality: mri, mask: {kind: random_1d, acceleration: 4, center_fraction: 0.08}}
-      - {kind: train, model: {name: unrolled_gd, kwargs: {n_iter: 5}}, workers: 2, epochs: 6}
-      - {kind: recon, methods: [zero_filled, learned]}
+      - {kind: train, name: model, model: {name: unrolled_gd, kwargs: {n_iter: 5}}, workers: 2, epochs: 6}
+      - {kind: recon, methods: [zero_filled, cs_tv, "learned:model", "models:/other-model/3"]}
       - {kind: evaluate}
 
-Every model inherits :class:`Spec` (frozen, unknown fields forbidden). Stage kinds are
-a discriminated union on ``kind``. Environment facts (Ray address, MLflow URI) come
-from :class:`Settings` (``MEDRECON_*`` variables) when the file leaves them out.
+Every model inherits :class:`Spec` (frozen, unknown fields forbidden). Stages run in list order;
+each has a ``name`` (default: its kind), unique in the pipeline, so a kind may repeat (two train
+stages ``neumann`` and ``modl``). :data:`STAGE_KINDS` is the one ordered registry of kinds: the
+discriminated union of stage specs, the runner, the CLI and ``medrecon show`` all read it. Names
+that ``operators`` defines (mask kinds, wavelets, FBP filters, classical methods and the
+modalities each serves) are imported from there.
 
-:func:`load_spec` reads a file, applies ``--set key.path=value`` overrides and turns
-validation errors into one :class:`~pipelines.errors.SpecError` whose message names
-the file, the field, what was expected and what was found.
+Environment facts (Ray address, MLflow URI) come from :class:`Settings` (``MEDRECON_*``
+variables) when the file leaves them out. Reading a file, ``--set`` overrides and readable errors
+are in :mod:`pipelines.specfile`.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.errors import SpecError
+from operators.ct import FilterName
+from operators.masks import MaskKind
+from operators.recon import METHODS
+from operators.regularizers import WaveletName
+from pipelines.methods import parse_method
 
 __all__ = [
     "Spec",
@@ -41,30 +50,24 @@ __all__ = [
     "TrackingSpec",
     "RaySpec",
     "SplitSpec",
+    "StageSpec",
     "PhantomStage",
     "MaskSpec",
     "SimulateStage",
     "CTSpec",
     "ModelSpec",
     "TrainStage",
+    "SolverOptions",
     "ReconStage",
     "EvaluateStage",
+    "StageKind",
+    "STAGE_KINDS",
     "Stage",
     "PipelineSpec",
-    "load_spec",
-    "apply_overrides",
-    "LEARNED",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-#: The recon method name that means "the model trained (or named) in this pipeline".
-LEARNED = "learned"
-CLASSICAL = ("zero_filled", "fbp", "cg_sense", "cs_wavelet", "cs_tv")
-#: Which recon methods apply to which modality.
-METHODS_BY_MODALITY = {
-    "mri": ("zero_filled", "cg_sense", "cs_wavelet", "cs_tv", "learned"),
-    "ct": ("fbp", "cg_sense", "cs_wavelet", "cs_tv"),
-}
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class Spec(BaseModel):
@@ -90,16 +93,10 @@ class ArchiveSpec(Spec):
 
 
 class TrackingSpec(Spec):
-    """MLflow settings.
-
-    ``uri`` defaults to ``$MEDRECON_TRACKING_URI``, else a SQLite file beside the archive.
-    """
+    """MLflow settings; ``uri`` defaults to ``$MEDRECON_TRACKING_URI``, else SQLite beside the archive."""
 
     uri: str | None = None
     experiment: str = "medrecon"
-    registered_model: str | None = Field(
-        default=None, description="registry name; default '<pipeline name>-model'"
-    )
 
 
 class RaySpec(Spec):
@@ -117,7 +114,28 @@ class SplitSpec(Spec):
     test: int = Field(ge=1)
 
 
-class PhantomStage(Spec):
+class StageSpec(Spec):
+    """Fields every stage has: its ``kind`` and its ``name`` (default: the kind)."""
+
+    kind: str
+    name: str = Field(default="", description="unique in the pipeline; default: the kind")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_defaults_to_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name") and isinstance(data.get("kind"), str):
+            return {**data, "name": data["kind"]}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_id(cls, v: str) -> str:
+        if not _STAGE_NAME.match(v):
+            raise ValueError(f"a stage name is 1-64 characters of [A-Za-z0-9_-]; found {v!r}")
+        return v
+
+
+class PhantomStage(StageSpec):
     """Create seeded random-ellipsoid phantoms in the archive (the embedded data source)."""
 
     kind: Literal["phantoms"]
@@ -155,7 +173,7 @@ class PhantomStage(Spec):
 class MaskSpec(Spec):
     """An undersampling mask: seeded per scan from the pipeline seed and the scan ID."""
 
-    kind: Literal["random_1d", "equispaced_1d", "variable_density_2d", "poisson_disc"] = "random_1d"
+    kind: MaskKind = "random_1d"
     acceleration: float = Field(default=4.0, ge=1.0)
     center_fraction: float = Field(default=0.08, ge=0.0, lt=1.0)
 
@@ -187,7 +205,7 @@ class CTSpec(Spec):
     )
 
 
-class SimulateStage(Spec):
+class SimulateStage(StageSpec):
     """Simulate measurements from each scan's image, one Ray task per scan, slab by slab."""
 
     kind: Literal["simulate"]
@@ -212,23 +230,26 @@ class SimulateStage(Spec):
 
 
 class ModelSpec(Spec):
-    """A model from the registry in ``models/``: its name and keyword arguments."""
+    """A model from the registry in ``models/``: its name and keyword arguments (checked by building it)."""
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from models.registry import MODELS
+    @model_validator(mode="after")
+    def _builds(self) -> ModelSpec:
+        from models.registry import MODELS, ModelError, build_model
 
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; expected one of {sorted(MODELS)}")
-        return v
+        if self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r}; expected one of {sorted(MODELS)}")
+        try:
+            build_model(self.name, self.kwargs)
+        except (ModelError, ValueError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
-class TrainStage(Spec):
-    """Train a model with Ray Train on 2D slices streamed from the archive."""
+class TrainStage(StageSpec):
+    """Train a model with Ray Train on 2D slices streamed from the archive; register it in MLflow."""
 
     kind: Literal["train"]
     model: ModelSpec
@@ -239,6 +260,19 @@ class TrainStage(Spec):
     lr: float = Field(default=1e-3, gt=0)
     loss: Literal["l1", "mse"] = "l1"
     threads_per_worker: int = Field(default=1, ge=1)
+    register_as: str | None = Field(
+        default=None, description="MLflow registered model name; default '<pipeline name>-<stage name>'"
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="best checkpoints kept (by validation PSNR), besides the latest"
+    )
+
+    @field_validator("register_as")
+    @classmethod
+    def _register_as_is_id(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME.match(v):
+            raise ValueError(f"must match [A-Za-z0-9._-]+, found {v!r}")
+        return v
 
 
 class SolverOptions(Spec):
@@ -249,52 +283,73 @@ class SolverOptions(Spec):
     )
     max_iter: int | None = Field(default=None, ge=1, description="iteration cap")
     tol: float | None = Field(default=None, ge=0, description="tolerance on the relative residual")
-    wavelet: Literal["haar", "db4"] = "haar"
+    wavelet: WaveletName = "haar"
     wavelet_levels: int | None = Field(default=None, ge=1)
     wavelet_shifts: int = Field(default=2, ge=1, description="cycle spinning: shifts per axis")
-    fbp_filter: Literal["ramp", "shepp-logan", "cosine", "hann"] = "ramp"
+    fbp_filter: FilterName = "ramp"
 
 
-class ReconStage(Spec):
-    """Reconstruct the test split with Ray Data; each method writes ``recon/<method>``."""
+class ReconStage(StageSpec):
+    """Reconstruct a split with Ray Data; each method writes ``recon/<key>`` (:mod:`pipelines.methods`)."""
 
     kind: Literal["recon"]
-    methods: list[str] = Field(default_factory=lambda: ["zero_filled", LEARNED], min_length=1)
-    model_uri: str | None = Field(
-        default=None, description="models:/NAME/VERSION; default: this pipeline's trained model"
+    methods: list[str] = Field(
+        min_length=1,
+        description="classical names, learned:<train stage name>, or model URIs (models:/NAME/VERSION)",
     )
     split: Literal["train", "val", "test", "all"] = "test"
+    scans: list[str] | None = Field(default=None, description="only these scan IDs (within the split)")
     actors: int = Field(default=2, ge=1)
     cpus_per_actor: float = Field(default=0.5, gt=0)
+    gpus_per_actor: float = Field(default=0.0, ge=0)
     options: dict[str, SolverOptions] = Field(
         default_factory=dict,
-        description="per-method solver options, e.g. {cs_tv: {lam: 0.02, max_iter: 200}}",
+        description="per classical method, e.g. {cs_tv: {lam: 0.02, max_iter: 200}}",
     )
-
-    @model_validator(mode="after")
-    def _options_name_methods(self) -> ReconStage:
-        stray = sorted(set(self.options) - (set(self.methods) - {LEARNED}))
-        if stray:
-            raise ValueError(
-                f"options given for {stray}, which are not classical methods of this stage; "
-                f"expected keys among {[m for m in self.methods if m != LEARNED]}"
-            )
-        return self
 
     @field_validator("methods")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        valid = (*CLASSICAL, LEARNED)
-        bad = [m for m in v if m not in valid]
-        if bad:
-            raise ValueError(f"unknown method(s) {bad}; expected any of {list(valid)}")
+    def _parsed(cls, v: list[str]) -> list[str]:
+        problems = []
+        for text in v:
+            try:
+                parse_method(text)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
         if len(set(v)) != len(v):
             raise ValueError(f"methods must be unique, found {v}")
         return v
 
+    @field_validator("scans")
+    @classmethod
+    def _scan_ids(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            from pipelines.store import validate_scan_id
 
-class EvaluateStage(Spec):
-    """Score every reconstruction against the reference image; log means, a table and a figure."""
+            for scan_id in v:
+                validate_scan_id(scan_id)
+        return v
+
+    @model_validator(mode="after")
+    def _options_name_classical_methods(self) -> ReconStage:
+        classical = [m for m in self.methods if m in METHODS]
+        stray = sorted(set(self.options) - set(classical))
+        if stray:
+            raise ValueError(
+                f"options given for {stray}, which are not classical methods of this stage; "
+                f"expected keys among {classical}"
+            )
+        return self
+
+    def refs(self) -> list[Any]:
+        """The methods, parsed (:class:`pipelines.methods.MethodRef`)."""
+        return [parse_method(m) for m in self.methods]
+
+
+class EvaluateStage(StageSpec):
+    """Score the reconstructions of the recon stages before it against the reference images."""
 
     kind: Literal["evaluate"]
     metrics: list[Literal["psnr", "ssim", "nmse"]] = Field(default_factory=lambda: ["psnr", "ssim", "nmse"])
@@ -303,15 +358,58 @@ class EvaluateStage(Spec):
     )
 
 
-Stage = Annotated[
-    PhantomStage | SimulateStage | TrainStage | ReconStage | EvaluateStage, Field(discriminator="kind")
-]
+# -- the registry of stage kinds -----------------------------------------------------------------
+Role = Literal["data", "train", "recon", "evaluate"]
 
-_ORDER = ["phantoms", "simulate", "train", "recon", "evaluate"]
+
+@dataclass(frozen=True)
+class StageKind:
+    """One stage kind.
+
+    Attributes:
+        spec: its pydantic model.
+        module: the module whose ``run(ctx, stage, fingerprint) -> StageResult`` runs it; the source
+            of this module and of everything it imports from ``operators``, ``models`` and
+            ``pipelines`` is the stage's code version (:func:`pipelines.fingerprint.code_version`).
+        role: ``data`` stages write images or measurements (each at most once per pipeline: a scan
+            has one image and one measurement); ``train`` registers a model; ``recon`` writes
+            reconstructions; ``evaluate`` scores them.
+        per_scan: it commits per scan (``medrecon show`` has a column for it).
+    """
+
+    spec: type[StageSpec]
+    module: str
+    role: Role
+    per_scan: bool = True
+
+    @property
+    def kind(self) -> str:
+        return self.spec.model_fields["kind"].annotation.__args__[0]  # type: ignore[union-attr]
+
+    def runner(self) -> Callable[..., Any]:
+        """The stage function, imported on first use (the spec loads without Ray or MLflow)."""
+        return importlib.import_module(self.module).run  # type: ignore[no-any-return]
+
+
+STAGE_KINDS: Mapping[str, StageKind] = MappingProxyType(
+    {
+        k.kind: k
+        for k in (
+            StageKind(PhantomStage, "pipelines.ingest", "data"),
+            StageKind(SimulateStage, "pipelines.simulate", "data"),
+            StageKind(TrainStage, "pipelines.train", "train", per_scan=False),
+            StageKind(ReconStage, "pipelines.recon", "recon"),
+            StageKind(EvaluateStage, "pipelines.evaluate", "evaluate"),
+        )
+    }
+)
+"""Kind -> :class:`StageKind`, in the order data flows (read-only)."""
+
+Stage = Annotated[Union[tuple(k.spec for k in STAGE_KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
 class PipelineSpec(Spec):
-    """A whole pipeline: where data and tracking live, and the ordered stages."""
+    """A whole pipeline: where data and tracking live, and the stages, run in list order."""
 
     name: str
     seed: int = 0
@@ -330,161 +428,73 @@ class PipelineSpec(Spec):
         return v
 
     @model_validator(mode="after")
-    def _stages_in_order(self) -> PipelineSpec:
-        kinds = [s.kind for s in self.stages]
-        if len(set(kinds)) != len(kinds):
-            raise ValueError(f"each stage kind may appear once; found {kinds}")
-        positions = [_ORDER.index(k) for k in kinds]
-        if positions != sorted(positions):
-            raise ValueError(f"stages must run in the order {_ORDER}; found {kinds}")
-        sim = self.stage("simulate")
-        if sim is not None and (sim.modality != "mri" or sim.coils != 1) and "train" in kinds:
+    def _stages_fit_together(self) -> PipelineSpec:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
             raise ValueError(
-                f"the train stage supports single-coil MRI; found simulate modality={sim.modality!r}, "
-                f"coils={sim.coils}. Remove the train stage or simulate single-coil MRI"
+                f"stage names must be unique; {dupes} appear more than once in {names}. "
+                "Give repeated kinds a name each, e.g. name: neumann"
             )
-        recon = self.stage("recon")
-        if recon is not None and sim is not None:
-            wrong = [m for m in recon.methods if m not in METHODS_BY_MODALITY[sim.modality]]
-            if wrong:
+        first_use = None  # the first stage that reads data; data stages may not come after it
+        for stage in self.stages:
+            if STAGE_KINDS[stage.kind].role != "data":
+                first_use = first_use or stage
+                continue
+            if any(s.kind == stage.kind for s in self.stages if s is not stage):
                 raise ValueError(
-                    f"recon methods {wrong} do not apply to modality {sim.modality!r}; "
-                    f"expected any of {list(METHODS_BY_MODALITY[sim.modality])}"
+                    f"a pipeline has at most one {stage.kind!r} stage: the archive holds one "
+                    f"{'image' if stage.kind == 'phantoms' else 'measurement'} per scan"
                 )
-        if (
-            recon is not None
-            and LEARNED in recon.methods
-            and recon.model_uri is None
-            and "train" not in kinds
-        ):
-            raise ValueError(
-                "recon method 'learned' needs a model: add a train stage or set recon.model_uri "
-                "(e.g. models:/NAME/VERSION)"
-            )
+            if first_use is not None:
+                raise ValueError(
+                    f"data stage {stage.name!r} ({stage.kind}) comes after stage {first_use.name!r} "
+                    f"({first_use.kind}); put phantoms and simulate first"
+                )
+        kinds = [s.kind for s in self.stages]
+        if "phantoms" in kinds and "simulate" in kinds and kinds.index("simulate") < kinds.index("phantoms"):
+            raise ValueError("simulate reads the images phantoms writes: put phantoms before simulate")
+        self._check_methods()
         return self
 
-    def stage(self, kind: str) -> Any:
-        """The stage of ``kind``, or None."""
-        return next((s for s in self.stages if s.kind == kind), None)
+    def _check_methods(self) -> None:
+        modality = self.modality
+        earlier_train: set[str] = set()
+        recon_before = False
+        for stage in self.stages:
+            if stage.kind == "train":
+                earlier_train.add(stage.name)
+            elif stage.kind == "recon":
+                recon_before = True
+                for ref in stage.refs():
+                    if ref.kind == "learned" and ref.target not in earlier_train:
+                        raise ValueError(
+                            f"recon stage {stage.name!r}: method {ref.text!r} names no train stage before "
+                            f"it; train stages before it: {sorted(earlier_train) or 'none'}"
+                        )
+                    if (
+                        ref.kind == "classical"
+                        and modality
+                        and modality not in METHODS[ref.target].modalities
+                    ):
+                        serving = [m for m, meth in METHODS.items() if modality in meth.modalities]
+                        raise ValueError(
+                            f"recon stage {stage.name!r}: method {ref.target!r} does not apply to modality "
+                            f"{modality!r}; expected any of {serving}"
+                        )
+            elif stage.kind == "evaluate" and not recon_before:
+                raise ValueError(f"evaluate stage {stage.name!r} needs a recon stage before it")
 
+    @property
+    def modality(self) -> str | None:
+        """The simulated modality, or None when the pipeline simulates nothing (it is then read per scan)."""
+        sim = next((s for s in self.stages if s.kind == "simulate"), None)
+        return sim.modality if sim is not None else None
 
-# -- loading --------------------------------------------------------------------------------------
+    def stage(self, name: str) -> Any:
+        """The stage named ``name`` (names default to kinds), or None."""
+        return next((s for s in self.stages if s.name == name), None)
 
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides to a raw spec dict (a new dict is returned).
-
-    The first key may name a stage by its kind (``train.epochs=3``) or by index
-    (``stages.2.epochs=3``). Values are parsed as YAML (``3`` is an int, ``[a, b]`` a list).
-    """
-    import copy
-
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
-        key, value = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise SpecError(f"--set {item!r}: the key is empty")
-        node: Any = out
-        stage_kinds = {s.get("kind"): s for s in out.get("stages", []) if isinstance(s, dict)}
-        if parts[0] in stage_kinds:
-            node = stage_kinds[parts[0]]
-            parts = parts[1:]
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise SpecError(f"--set {item!r}: '{part}' is not an index of a list of {len(node)}")
-                if last:
-                    node[int(part)] = _parse_value(value)
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = _parse_value(value)
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise SpecError(f"--set {item!r}: cannot descend into '{part}' of a {type(node).__name__}")
-    return out
-
-
-def _loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
-    """A readable field path: stages[2] (train).epochs."""
-    out: list[str] = []
-    node: Any = raw
-    for part in loc:
-        if isinstance(part, int):
-            kind = (
-                node[part].get("kind")
-                if isinstance(node, list) and part < len(node) and isinstance(node[part], dict)
-                else None
-            )
-            out[-1] = f"{out[-1]}[{part}]" + (f" ({kind})" if kind else "")
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-        elif (
-            part in ("phantoms", "simulate", "train", "recon", "evaluate")
-            and out
-            and out[-1].startswith("stages[")
-        ):
-            continue  # pydantic's discriminator tag; the kind is already shown
-        else:
-            out.append(str(part))
-            node = node.get(part) if isinstance(node, dict) else None
-    return ".".join(out) or "(top level)"
-
-
-def format_validation_error(err: ValidationError, raw: dict[str, Any], source: str) -> str:
-    """One readable message per problem: file, field, what was expected, what was found."""
-    lines = [
-        f"{source}: invalid pipeline spec ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"
-    ]
-    for e in err.errors():
-        where = _loc(tuple(e["loc"]), raw)
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            msg = f"unknown field '{e['loc'][-1]}' (check the spelling; unknown fields are not allowed)"
-        elif kind == "missing":
-            msg = "is required but missing"
-        elif kind == "union_tag_invalid":
-            msg = (
-                f"unknown stage kind {e['input'].get('kind')!r}; expected one of {_ORDER}"
-                if isinstance(e["input"], dict)
-                else e["msg"]
-            )
-        else:
-            found = e.get("input")
-            msg = f"{e['msg'].removeprefix('Value error, ')}" + (
-                "" if kind.startswith("value_error") else f" (found {found!r})"
-            )
-        lines.append(f"  - {where}: {msg}")
-    return "\n".join(lines)
-
-
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
-    """Read, override and validate a pipeline file; every problem becomes one :class:`SpecError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(
-            f"{path}: pipeline file not found (expected a YAML file, e.g. pipelines/specs/quickstart.yaml)"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping of fields at the top level; found {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return PipelineSpec.model_validate(raw)
-    except ValidationError as err:
-        raise SpecError(format_validation_error(err, raw, str(path))) from None
+    def of_kind(self, kind: str) -> list[Any]:
+        """The stages of ``kind``, in order."""
+        return [s for s in self.stages if s.kind == kind]

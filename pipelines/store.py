@@ -1,28 +1,39 @@
-"""The archive: a Zarr v3 group of scans, a Parquet catalog, and commit markers.
+"""The archive: a Zarr v3 group of scans, a Parquet catalog, and checksummed commit records.
 
-Layout under the archive root (a local directory or an fsspec URI)::
+Layout under the archive root (a local directory or an fsspec URI), layout version 2::
 
-    zarr.json                      root group
-    scans/<scan_id>/image          float32 (D, H, W)
-    scans/<scan_id>/labels         uint8   (D, H, W), optional
-    scans/<scan_id>/kspace         complex64 (C, D, H, W)
-    scans/<scan_id>/mask           bool (H, W) (or the mask's own shape)
-    scans/<scan_id>/recon/<name>   float32 (D, H, W)
-    catalog.parquet                one row per scan (see CATALOG_SCHEMA)
-    _meta/commits/<stage>/<scan_id>.json    per-scan commit markers
-    _meta/stages/<stage>.json               stage commit markers
-    _meta/quarantine/<stage>/<scan_id>.json errors of scans that failed
+    zarr.json                          root group; attributes {"medrecon": {"layout_version": 2}}
+    scans/<scan_id>/image              float32 (D, H, W)
+    scans/<scan_id>/labels             uint8   (D, H, W), optional
+    scans/<scan_id>/kspace             complex64 (D, C, H, W), or (D, C, H, n) acquired columns
+    scans/<scan_id>/sinogram           float32 (D, views, detectors)
+    scans/<scan_id>/mask, coil_maps    the acquisition's (H, W) mask and (C, H, W) maps
+    scans/<scan_id>/recon/<key>        float32 (D, H, W), one per method (and model version)
+    catalog.parquet                    one row per scan (see CATALOG_SCHEMA)
+    _meta/commits/<unit>/<scan_id>.json     per-scan commit records
+    _meta/quarantine/<unit>/<scan_id>.json  errors of scans that failed
+    _meta/stages/<stage name>.json          stage records (fingerprints, outputs later stages need)
+    _meta/lease.json                        the writer lease of the run that holds the archive
+
+A **unit** is what one commit covers for one scan: ``source`` (image, labels), ``measurements``
+(k-space or sinogram, mask, coil maps), ``recon/<key>`` (one reconstruction) and
+``evaluate/<stage name>`` (scores). :func:`unit_of` maps an array to its unit.
 
 Rules that keep it correct under Ray's at-least-once retries:
 
 * Scan IDs are validated (:func:`validate_scan_id`) before they become path parts.
-* One task owns a scan's arrays for a stage; a shard never spans two scans, so two
-  processes never write one shard.
-* An output counts only once its commit marker exists; a marker is written after
-  its data, in one atomic put (rename on local disk). A re-run skips scans whose
-  marker carries the current fingerprint and redoes the rest.
-* Volumes never travel through the Ray object store: tasks get scan IDs and the
-  archive URI, and read and write Zarr themselves.
+* One task owns a scan's arrays for a unit; a shard never spans two scans, so two processes
+  never write one shard.
+* An output counts only once its commit record exists; the record is written after its data,
+  in one atomic put (rename on local disk). A re-run skips units whose record carries the
+  current fingerprint and redoes the rest.
+* Every array is written through a :class:`SlabWriter`, which refuses NaN/Inf and records a
+  CRC-32 per slab (along the first axis); the commit record keeps them. Every read goes through
+  :meth:`Archive.read_array`, which checks them: a deleted chunk (which Zarr would read as zeros),
+  a truncated or altered one becomes an :class:`~pipelines.errors.IntegrityError` naming the
+  scan, the array and the chunk, never silently wrong data.
+* Volumes never travel through the Ray object store: tasks get scan IDs and the archive (which
+  pickles as its URI), and read and write Zarr themselves.
 """
 
 from __future__ import annotations
@@ -44,11 +55,45 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipelines.errors import ArchiveError, ScanIdError
+from pipelines.integrity import ArrayReader, SlabWriter
 
-__all__ = ["validate_scan_id", "Archive", "CATALOG_SCHEMA", "CatalogRow", "chunk_layout", "checksum"]
+__all__ = [
+    "LAYOUT_VERSION",
+    "SOURCE",
+    "MEASUREMENTS",
+    "validate_scan_id",
+    "unit_of",
+    "Archive",
+    "SlabWriter",
+    "ArrayReader",
+    "CATALOG_SCHEMA",
+    "CatalogRow",
+    "chunk_layout",
+    "record_digest",
+]
+
+#: The archive layout this code reads and writes. Version 1 (before 2026-12) stored k-space coil-first
+#: ``(C, D, H, W)`` and one commit marker per stage; it is refused, never misread.
+LAYOUT_VERSION = 2
+_LAYOUTS = {
+    1: "k-space (C, D, H, W), commit markers per stage, no checksums",
+    2: "k-space (D, C, H, W), checksummed commit records per output",
+}
+
+SOURCE = "source"
+MEASUREMENTS = "measurements"
+_UNIT_OF = {
+    "image": SOURCE,
+    "labels": SOURCE,
+    "kspace": MEASUREMENTS,
+    "sinogram": MEASUREMENTS,
+    "mask": MEASUREMENTS,
+    "coil_maps": MEASUREMENTS,
+}
 
 _SCAN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_]+(/[A-Za-z0-9_.-]+)?$")
+_UNIT = re.compile(r"^[a-z_]+(/[A-Za-z0-9_.-]+)?$")
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -83,6 +128,15 @@ def validate_scan_id(scan_id: str) -> str:
     return scan_id
 
 
+def unit_of(name: str) -> str:
+    """The commit unit that owns array ``name``: ``source``, ``measurements`` or ``recon/<key>``."""
+    if name.startswith("recon/"):
+        return name
+    if name not in _UNIT_OF:
+        raise ArchiveError(f"array {name!r} belongs to no commit unit; expected one of {sorted(_UNIT_OF)}")
+    return _UNIT_OF[name]
+
+
 @dataclass(frozen=True)
 class CatalogRow:
     """One row of ``catalog.parquet``: a reference to a scan, never its data."""
@@ -97,18 +151,15 @@ class CatalogRow:
     status: str = "ok"
 
 
-def checksum(array: np.ndarray) -> str:
-    """SHA-256 of an array's bytes, shape and dtype (first 16 hex digits)."""
-    h = hashlib.sha256()
-    h.update(str((array.shape, str(array.dtype))).encode())
-    h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()[:16]
+def record_digest(records: dict[str, dict[str, Any]]) -> str:
+    """One short digest of the arrays of a commit record (their shapes, dtypes and slab CRCs)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def chunk_layout(
     shape: tuple[int, ...], itemsize: int, target_chunk_bytes: int = 1 << 20
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Chunks and shards for an array whose first axis (after coils) is the slice axis.
+    """Chunks and shards for an array whose first axis is the slice axis.
 
     Chunks are whole slices stacked to about ``target_chunk_bytes`` along the first
     axis, so reading one slice reads one chunk; the shard is the whole array, so a
@@ -124,12 +175,16 @@ def chunk_layout(
 
 
 class Archive:
-    """A Zarr v3 archive of scans with a Parquet catalog and commit markers.
+    """A Zarr v3 archive of scans with a Parquet catalog and checksummed commit records.
 
     Args:
         uri: a local directory or an fsspec URI (``s3://bucket/prefix``).
         storage_options: passed to fsspec (credentials, endpoint_url, ...).
         create: create the root group if missing; otherwise a missing archive is an error.
+
+    Raises:
+        ArchiveError: the archive is missing (and not ``create``), the path is a file, or the
+            archive was written in another layout version.
     """
 
     def __init__(
@@ -144,25 +199,38 @@ class Archive:
         self.uri = os.path.abspath(self.root) if self.is_local else uri.rstrip("/")
         if self.is_local:
             self.root = self.uri
-        exists = self.fs.exists(self._path("zarr.json"))
-        if not exists and not create:
+        if self.fs.isfile(self.root):
+            raise ArchiveError(
+                f"archive path {self.uri} is a file; expected a directory holding a Zarr archive "
+                "(or a new path for one). Check archive.path"
+            )
+        root_meta = self._read_json(self._path("zarr.json"))
+        if root_meta is None and not create:
             raise ArchiveError(
                 f"archive {self.uri} not found (no zarr.json there); run a pipeline with a phantoms "
                 "or ingest stage first, or check archive.path"
             )
-        if not exists:
-            zarr.open_group(self._zarr_store(), mode="a")
+        if root_meta is None:
+            group = zarr.open_group(self._zarr_store(), mode="a")
+            group.attrs["medrecon"] = {"layout_version": LAYOUT_VERSION}
+            return
+        found = (root_meta.get("attributes") or {}).get("medrecon", {}).get("layout_version", 1)
+        if found != LAYOUT_VERSION:
+            raise ArchiveError(
+                f"archive {self.uri} was written in layout version {found} "
+                f"({_LAYOUTS.get(found, 'unknown')}); this medrecon reads layout version "
+                f"{LAYOUT_VERSION} ({_LAYOUTS[LAYOUT_VERSION]}). Re-run the pipeline into a new "
+                "archive path; nothing was read or changed"
+            )
 
     # -- paths ---------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _zarr_store(self, sub: str = "") -> Any:
+    def _zarr_store(self) -> Any:
         if self.is_local:
-            return zarr.storage.LocalStore(self._path(sub) if sub else self.root)
-        return zarr.storage.FsspecStore.from_url(
-            f"{self.uri}/{sub}" if sub else self.uri, storage_options=self.storage_options or None
-        )
+            return zarr.storage.LocalStore(self.root)
+        return zarr.storage.FsspecStore.from_url(self.uri, storage_options=self.storage_options or None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Archive, (self.uri, self.storage_options))
@@ -181,13 +249,10 @@ class Archive:
 
     def write_array(
         self, scan_id: str, name: str, data: np.ndarray, attrs: dict[str, Any] | None = None
-    ) -> None:
-        """Write ``data`` as ``scans/<scan_id>/<name>`` (replacing it), sharded one shard per array."""
+    ) -> dict[str, Any]:
+        """Write ``data`` as ``scans/<scan_id>/<name>`` (replacing it), one shard; return its record."""
         data = np.asarray(data)
-        per_slice = data.shape[1:] if data.ndim == 4 else data.shape
-        chunks, shards = chunk_layout(per_slice, data.dtype.itemsize)
-        if data.ndim == 4:  # (C, D, H, W): one chunk row per coil
-            chunks, shards = (1, *chunks), (data.shape[0], *shards)
+        chunks, shards = chunk_layout(data.shape, data.dtype.itemsize)
         arr = zarr.create_array(
             self._zarr_store(),
             name=self._array_path(scan_id, name),
@@ -199,7 +264,9 @@ class Archive:
             overwrite=True,
             attributes=dict(attrs or {}),
         )
-        arr[...] = data
+        writer = SlabWriter(arr, arr.path, chunks[0] if data.ndim else 1)  # a CRC per chunk of slices
+        writer.write(0, data)
+        return writer.record()
 
     def create_array(
         self,
@@ -209,19 +276,17 @@ class Archive:
         dtype: Any,
         *,
         slab: int,
-        slab_axis: int = 0,
         attrs: dict[str, Any] | None = None,
         compress: bool = True,
         slab_chunks: bool = False,
-    ) -> zarr.Array:
-        """Create an empty ``scans/<scan_id>/<name>`` whose shards are slabs of ``slab`` slices.
+    ) -> SlabWriter:
+        """Create an empty ``scans/<scan_id>/<name>`` whose shards are slabs of ``slab`` slices (axis 0).
 
-        A slab of slices along ``slab_axis`` is exactly one shard, so writing a slab never
-        touches another slab's shard: zarr re-encodes a whole shard on a partial write,
-        so slab-aligned shards keep a writer's memory at one slab, and let one task own
-        each shard. Chunks inside a shard are whole slices stacked to about 1 MB.
-        ``compress=False`` stores raw bytes: noisy k-space compresses ~1.08x with zstd, so
-        compression would cost write speed for nothing.
+        A slab is exactly one shard, so writing a slab never touches another slab's shard: zarr
+        re-encodes a whole shard on a partial write, so slab-aligned shards keep a writer's memory
+        at one slab, and let one task own each shard. Chunks inside a shard are whole slices
+        stacked to about 1 MB. ``compress=False`` stores raw bytes: noisy k-space compresses
+        ~1.08x with zstd, so compression would cost write speed for nothing.
 
         ``slab_chunks=True`` makes each slab one plain chunk instead (no sharding codec): for a
         raw array written once, slab by slab, zarr 3.1's shard assembly about doubles the write
@@ -229,19 +294,15 @@ class Archive:
         price of a single-slice read fetching its whole slab.
         """
         shape = tuple(int(s) for s in shape)
-        slab = max(1, min(int(slab), shape[slab_axis]))
+        slab = max(1, min(int(slab), shape[0]))
         itemsize = np.dtype(dtype).itemsize
-        plane = int(np.prod(shape)) // shape[slab_axis] * itemsize
+        plane = int(np.prod(shape[1:])) * itemsize
         depth = max(1, min(slab, (1 << 20) // max(plane, 1)))
         while slab % depth:  # a chunk must divide its shard
             depth -= 1
-        shards = tuple(slab if i == slab_axis else n for i, n in enumerate(shape))
-        chunks = tuple(depth if i == slab_axis else (1 if i < slab_axis else n) for i, n in enumerate(shape))
-        if slab_chunks:  # (1, ..., slab, ...): one file per slab (and per leading index, e.g. coil)
-            chunks = tuple(
-                slab if i == slab_axis else (1 if i < slab_axis else n) for i, n in enumerate(shape)
-            )
-        return zarr.create_array(
+        shards = (slab, *shape[1:])
+        chunks = (slab if slab_chunks else depth, *shape[1:])
+        arr = zarr.create_array(
             self._zarr_store(),
             name=self._array_path(scan_id, name),
             shape=shape,
@@ -253,9 +314,13 @@ class Archive:
             attributes=dict(attrs or {}),
             config={"write_empty_chunks": True},  # skip zarr's all-fill scan of every chunk
         )
+        return SlabWriter(arr, arr.path, slab)
 
     def open_array(self, scan_id: str, name: str) -> zarr.Array:
-        """The lazy Zarr array ``scans/<scan_id>/<name>``; a clear error if it is missing."""
+        """The lazy Zarr array ``scans/<scan_id>/<name>``, for its shape and attributes.
+
+        Read data with :meth:`read_array`, which checks it against its commit record.
+        """
         path = self._array_path(scan_id, name)
         try:
             return zarr.open_array(self._zarr_store(), path=path, mode="r")
@@ -264,9 +329,29 @@ class Archive:
                 f"scan {scan_id!r}: array '{name}' not found in archive {self.uri} ({path})"
             ) from exc
 
-    def read_array(self, scan_id: str, name: str) -> np.ndarray:
-        """Read the whole array ``scans/<scan_id>/<name>``."""
-        return self.open_array(scan_id, name)[...]
+    def array_record(self, scan_id: str, name: str) -> dict[str, Any]:
+        """What the commit of ``name``'s unit recorded of it (shape, dtype, slab, CRCs)."""
+        unit = unit_of(name)
+        record = self.commit_record(unit, scan_id)
+        if record is None or name not in record.get("arrays", {}):
+            raise ArchiveError(
+                f"scans/{scan_id}/{name}: no commit records it (unit '{unit}' of scan {scan_id!r} is "
+                "not committed); run the stage that writes it, and read only committed data"
+            )
+        return record["arrays"][name]
+
+    def reader(self, scan_id: str, name: str) -> ArrayReader:
+        """Verified, lazy access to a committed array (see :class:`ArrayReader`)."""
+        return ArrayReader(self, scan_id, name)
+
+    def read_array(self, scan_id: str, name: str, z0: int | None = None, z1: int | None = None) -> np.ndarray:
+        """Slices ``z0:z1`` (default all) of ``scans/<scan_id>/<name>``, checked against its commit.
+
+        Raises:
+            ArchiveError: the array is missing or was never committed.
+            IntegrityError: a chunk is missing, truncated or altered (named in the message).
+        """
+        return self.reader(scan_id, name).read(z0, z1)
 
     def has_array(self, scan_id: str, name: str) -> bool:
         return self.fs.exists(self._path(self._array_path(scan_id, name), "zarr.json"))
@@ -277,7 +362,7 @@ class Archive:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    # -- markers ---------------------------------------------------------------------------------
+    # -- records ---------------------------------------------------------------------------------
     def _write_json(self, path: str, payload: dict[str, Any]) -> None:
         data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode()
         if self.is_local:
@@ -297,63 +382,131 @@ class Archive:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArchiveError(f"{path}: not valid JSON ({exc}); the file is damaged") from exc
 
-    def commit(self, stage: str, scan_id: str, fingerprint: str, info: dict[str, Any] | None = None) -> None:
-        """Mark ``scan_id``'s output of ``stage`` as complete. Call only after its data is written."""
-        payload = {"fingerprint": fingerprint, "time": time.time(), **(info or {})}
-        self._write_json(self._path("_meta", "commits", stage, f"{validate_scan_id(scan_id)}.json"), payload)
-        self._clear(self._path("_meta", "quarantine", stage, f"{scan_id}.json"))
+    @staticmethod
+    def _unit(unit: str) -> str:
+        if not _UNIT.match(unit):
+            raise ArchiveError(f"invalid commit unit {unit!r}: expected 'name' or 'name/key'")
+        return unit
 
-    def commit_record(self, stage: str, scan_id: str) -> dict[str, Any] | None:
-        return self._read_json(self._path("_meta", "commits", stage, f"{validate_scan_id(scan_id)}.json"))
+    def _commit_path(self, unit: str, scan_id: str) -> str:
+        return self._path("_meta", "commits", self._unit(unit), f"{validate_scan_id(scan_id)}.json")
 
-    def is_committed(self, stage: str, scan_id: str, fingerprint: str) -> bool:
-        rec = self.commit_record(stage, scan_id)
+    def _quarantine_path(self, unit: str, scan_id: str) -> str:
+        return self._path("_meta", "quarantine", self._unit(unit), f"{validate_scan_id(scan_id)}.json")
+
+    def commit(
+        self,
+        unit: str,
+        scan_id: str,
+        fingerprint: str,
+        info: dict[str, Any] | None = None,
+        arrays: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Mark ``scan_id``'s ``unit`` complete, with its arrays' records. Call only after the data."""
+        payload = {"fingerprint": fingerprint, "time": time.time(), **(info or {}), "arrays": arrays or {}}
+        self._write_json(self._commit_path(unit, scan_id), payload)
+        self._clear(self._quarantine_path(unit, scan_id))
+
+    def commit_record(self, unit: str, scan_id: str) -> dict[str, Any] | None:
+        return self._read_json(self._commit_path(unit, scan_id))
+
+    def is_committed(self, unit: str, scan_id: str, fingerprint: str) -> bool:
+        rec = self.commit_record(unit, scan_id)
         return rec is not None and rec.get("fingerprint") == fingerprint
 
-    def uncommit(self, stage: str, scan_id: str) -> None:
-        self._clear(self._path("_meta", "commits", stage, f"{validate_scan_id(scan_id)}.json"))
+    def uncommit(self, unit: str, scan_id: str) -> None:
+        self._clear(self._commit_path(unit, scan_id))
+
+    def committed(self, unit: str) -> dict[str, str]:
+        """``{scan_id: fingerprint}`` of every scan with a commit record for ``unit``."""
+        folder = self._path("_meta", "commits", self._unit(unit))
+        return {
+            os.path.basename(path)[: -len(".json")]: (self._read_json(path) or {}).get("fingerprint", "")
+            for path in self._json_files(folder)
+        }
+
+    def units(self) -> list[str]:
+        """Every unit with a commit or quarantine record, sorted."""
+        found = set()
+        for kind in ("commits", "quarantine"):
+            base = self._path("_meta", kind)
+            if not self.fs.exists(base):
+                continue
+            for path in self.fs.find(base):
+                if path.endswith(".json"):
+                    found.add(os.path.dirname(path)[len(base) + 1 :].replace(os.sep, "/"))
+        return sorted(found)
+
+    def quarantine(self, unit: str, scan_id: str, error: str, stage: str | None = None) -> None:
+        """Record that ``scan_id`` failed ``unit`` (in ``stage``) with ``error``; the batch goes on."""
+        payload = {"error": error, "stage": stage or unit, "time": time.time()}
+        self._write_json(self._quarantine_path(unit, scan_id), payload)
+
+    def quarantined(self, unit: str) -> dict[str, str]:
+        """``{scan_id: error}`` of the scans quarantined in ``unit``."""
+        folder = self._path("_meta", "quarantine", self._unit(unit))
+        return {
+            os.path.basename(path)[: -len(".json")]: (self._read_json(path) or {}).get("error", "")
+            for path in self._json_files(folder)
+        }
+
+    def quarantine_record(self, unit: str, scan_id: str) -> dict[str, Any] | None:
+        return self._read_json(self._quarantine_path(unit, scan_id))
 
     def commit_stage(
-        self, stage: str, fingerprint: str, outputs: dict[str, Any] | None = None, *, complete: bool = True
+        self,
+        name: str,
+        fingerprint: str,
+        outputs: dict[str, Any] | None = None,
+        *,
+        kind: str,
+        units: dict[str, str] | None = None,
+        complete: bool = True,
     ) -> None:
-        """Record a stage's run with what later stages need (e.g. a model URI).
+        """Record a stage's run: its fingerprint, what later stages need, and its units' fingerprints.
 
-        ``complete`` is False when some scans failed: a re-run then redoes the stage,
-        which skips the committed scans and retries the failed ones.
+        ``complete`` is False when some scans failed: a re-run then redoes the stage, which skips
+        the committed scans and retries the failed ones.
         """
         payload = {
             "fingerprint": fingerprint,
+            "kind": kind,
             "time": time.time(),
             "complete": complete,
             "outputs": outputs or {},
+            "units": units or {},
         }
-        self._write_json(self._path("_meta", "stages", f"{stage}.json"), payload)
+        self._write_json(self._path("_meta", "stages", f"{name}.json"), payload)
 
-    def stage_record(self, stage: str) -> dict[str, Any] | None:
-        return self._read_json(self._path("_meta", "stages", f"{stage}.json"))
+    def stage_record(self, name: str) -> dict[str, Any] | None:
+        return self._read_json(self._path("_meta", "stages", f"{name}.json"))
 
-    def uncommit_stage(self, stage: str) -> None:
-        self._clear(self._path("_meta", "stages", f"{stage}.json"))
+    def stage_records(self) -> dict[str, dict[str, Any]]:
+        """Every stage record, by stage name."""
+        folder = self._path("_meta", "stages")
+        return {
+            os.path.basename(p)[: -len(".json")]: self._read_json(p) or {} for p in self._json_files(folder)
+        }
 
-    def quarantine(self, stage: str, scan_id: str, error: str) -> None:
-        """Record that ``scan_id`` failed ``stage`` with ``error``; the batch goes on."""
-        self._write_json(
-            self._path("_meta", "quarantine", stage, f"{validate_scan_id(scan_id)}.json"),
-            {"error": error, "time": time.time()},
-        )
+    def current_fingerprints(self) -> dict[str, str]:
+        """``{unit: fingerprint}`` of the latest stage run that wrote each unit."""
+        latest: dict[str, tuple[float, str]] = {}
+        for rec in self.stage_records().values():
+            for unit, fp in rec.get("units", {}).items():
+                if unit not in latest or rec.get("time", 0) >= latest[unit][0]:
+                    latest[unit] = (rec.get("time", 0), fp)
+        return {u: fp for u, (_, fp) in latest.items()}
 
-    def quarantined(self, stage: str) -> dict[str, str]:
-        """``{scan_id: error}`` of the scans quarantined by ``stage``."""
-        folder = self._path("_meta", "quarantine", stage)
+    def uncommit_stage(self, name: str) -> None:
+        self._clear(self._path("_meta", "stages", f"{name}.json"))
+
+    def _json_files(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):
-            return {}
-        out = {}
-        for path in sorted(self.fs.ls(folder, detail=False)):
-            if path.endswith(".json"):
-                rec = self._read_json(path) or {}
-                out[os.path.basename(path)[: -len(".json")]] = rec.get("error", "")
-        return out
+            return []
+        return sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
 
     def _clear(self, path: str) -> None:
         if self.fs.exists(path):

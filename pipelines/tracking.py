@@ -24,9 +24,8 @@ __all__ = [
     "start_pipeline_run",
     "register_model",
     "load_model_uri",
+    "client",
 ]
-
-MODEL_ARTIFACT = "model"
 
 
 class Tracker(Protocol):
@@ -41,7 +40,8 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
-def _client(uri: str) -> Any:
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` for tracking and registry at ``uri``."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -64,7 +64,7 @@ class MlflowTracker:
     @property
     def client(self) -> Any:
         if self._c is None:
-            self._c = _client(self.uri)
+            self._c = client(self.uri)
         return self._c
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -97,10 +97,10 @@ class MlflowTracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def log_model_dir(self, directory: str | Path) -> str:
-        """Log a saved model directory (model.json + weights.safetensors) as the run's model artifact."""
-        self.client.log_artifacts(self.run_id, str(directory), MODEL_ARTIFACT)
-        return f"runs:/{self.run_id}/{MODEL_ARTIFACT}"
+    def log_model_dir(self, directory: str | Path, artifact_path: str) -> str:
+        """Log a saved model directory (model.json + weights.safetensors) at ``artifact_path``."""
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}"
 
 
 def resolve_tracking_uri(spec_uri: str | None, archive_uri: str, is_local: bool) -> str:
@@ -136,21 +136,21 @@ def start_pipeline_run(
     so a retried night adds to one run instead of scattering duplicates.
     """
     try:
-        client = _client(uri)
-        exp = client.get_experiment_by_name(experiment)
+        c = client(uri)
+        exp = c.get_experiment_by_name(experiment)
         exp_id = (
             exp.experiment_id
             if exp
-            else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+            else c.create_experiment(experiment, artifact_location=_artifact_root(uri))
         )
-        found = client.search_runs(
+        found = c.search_runs(
             [exp_id], filter_string=f"tags.`medrecon.fingerprint` = '{fingerprint}'", max_results=1
         )
         if found:
             run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
+            c.update_run(run_id, status="RUNNING")
             return run_id
-        run = client.create_run(exp_id, run_name=run_name, tags={"medrecon.fingerprint": fingerprint, **tags})
+        run = c.create_run(exp_id, run_name=run_name, tags={"medrecon.fingerprint": fingerprint, **tags})
         return run.info.run_id
     except Exception as exc:  # MLflow raises many types; name the URI in one clear error
         raise TrackingError(
@@ -159,38 +159,45 @@ def start_pipeline_run(
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status=status)
+    client(uri).set_terminated(run_id, status=status)
 
 
-def register_model(uri: str, name: str, run_id: str) -> str:
-    """Register the run's ``model`` artifact as a new version of ``name``; return ``models:/name/version``."""
-    client = _client(uri)
+def register_model(uri: str, name: str, run_id: str, artifact_path: str) -> str:
+    """Register the run's model at ``artifact_path`` as a new version of ``name``.
+
+    Returns ``models:/name/version``.
+    """
+    c = client(uri)
     try:
-        client.get_registered_model(name)
+        c.get_registered_model(name)
     except Exception:
-        client.create_registered_model(
+        c.create_registered_model(
             name, description="medrecon model: model.json (architecture) + weights.safetensors"
         )
-    run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
-    version = client.create_model_version(
+    run = c.get_run(run_id)
+    source = f"{run.info.artifact_uri}/{artifact_path}"
+    version = c.create_model_version(
         name, source=source, run_id=run_id, tags={"medrecon.format": "spec+safetensors"}
     )
     return f"models:/{name}/{version.version}"
 
 
 def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Download ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/ID/model``; rebuild the module."""
+    """Download ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/ID/PATH``; rebuild the module.
+
+    The download goes to a temporary folder that is removed once the weights are in memory.
+    """
     import mlflow
 
     from models.registry import load_model
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
-    try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        target = tempfile.mkdtemp(prefix="medrecon-model-")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target)
-    except Exception as exc:
-        raise TrackingError(f"could not download model {model_uri!r} from {tracking_uri!r}: {exc}") from exc
-    return load_model(local, device=device)
+    with tempfile.TemporaryDirectory(prefix="medrecon-model-") as target:
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target)
+        except Exception as exc:
+            raise TrackingError(
+                f"could not download model {model_uri!r} from {tracking_uri!r}: {exc}"
+            ) from exc
+        return load_model(local, device=device)

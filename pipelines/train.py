@@ -1,12 +1,17 @@
 """Training stage: Ray Train (``TorchTrainer``) on 2D slices streamed from the archive.
 
-* Each worker reads its own slices from Zarr (a small per-scan cache), so no volume
-  passes through the Ray object store or the driver.
-* The MLflow run is created on the driver and passed in by ID; rank 0 logs metrics
-  each epoch and, at the end, the model (architecture JSON + safetensors weights).
-* Every epoch rank 0 reports a checkpoint to Ray Train's storage path; a re-created
-  trainer with the same run name resumes from the last one.
-* The driver shows a progress bar fed by the metrics rank 0 logs to MLflow.
+* Any acquisition trains: single-coil MRI, multi-coil SENSE, parallel- and fan-beam CT. Each
+  worker reads its own slices through :class:`pipelines.physics.Acquisition` (a small per-scan
+  cache), and a batch's operator stacks the acquisitions of its slices, so no volume passes
+  through the Ray object store or the driver and the model is always ``model(y, op)``.
+* The MLflow run is created on the driver and passed in by ID; rank 0 logs metrics each epoch
+  (``<stage name>/train_loss``, ``<stage name>/val_psnr``) and, at the end, the model
+  (architecture JSON + safetensors weights) under ``models/<stage name>``, which the driver
+  registers as ``<register_as>/<version>``.
+* Every epoch rank 0 reports a checkpoint to Ray Train's storage path; Ray keeps the best
+  ``keep_checkpoints`` by validation PSNR (by training loss without validation scans) plus the
+  latest, and a re-created trainer with the same run name resumes from the latest.
+* Progress reaches the driver's bar through a Ray queue that rank 0 writes to.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue as queue_lib
 import tempfile
 import threading
 import time
@@ -23,19 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.inference import reconstruct_slices
 from models.registry import build_model, save_model
 from operators.linear import LinearOperator
 from operators.metrics import psnr
-from operators.mri import CartesianMRI
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import progress_bar
-from pipelines.physics import kspace_shape, read_kspace
+from pipelines.physics import Acquisition
 from pipelines.spec import Spec, TrainStage
-from pipelines.store import Archive
+from pipelines.store import MEASUREMENTS, Archive
 from pipelines.tracking import MlflowTracker, register_model
 
-__all__ = ["TrainJob", "SliceDataset", "train_loop_per_worker", "run_train", "reconstruct_slices"]
+__all__ = ["TrainJob", "SliceDataset", "train_loop_per_worker", "run"]
 
 
 class TrainJob(Spec):
@@ -54,9 +60,9 @@ class TrainJob(Spec):
 class SliceDataset:
     """2D slices of many scans, read lazily from the archive with a small per-scan cache.
 
-    Item ``i`` is slice ``i`` in scan order. :meth:`batch` returns
-    ``(y, mask, target)``: complex64 ``(B, H, W)`` k-space, float32 ``(B, H, W)`` masks and
-    float32 ``(B, H, W)`` reference images.
+    Item ``i`` is slice ``i`` in scan order. :meth:`batch` returns ``(y, op, target)``: the
+    measurements ``(B, *op.out_shape)`` in operator layout, one operator for the batch
+    (:meth:`Acquisition.stack`), and the float32 ``(B, H, W)`` reference images.
     """
 
     def __init__(self, archive: Archive, scan_ids: list[str], cache_scans: int = 8) -> None:
@@ -65,51 +71,40 @@ class SliceDataset:
         self.index: list[tuple[str, int]] = []
         shapes = set()
         for sid in self.scan_ids:
-            shape = kspace_shape(self.archive.open_array(sid, "kspace"))  # (C, D, H, W)
-            shapes.add(tuple(shape[2:]))
-            self.index.extend((sid, d) for d in range(shape[1]))
+            depth, *plane = archive.open_array(sid, "image").shape
+            shapes.add(tuple(plane))
+            self.index.extend((sid, d) for d in range(depth))
         if len(shapes) > 1:
             raise StageError(
                 f"training slices must share one (H, W); found {sorted(shapes)} across {self.scan_ids}"
             )
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Acquisition, torch.Tensor, np.ndarray]] = OrderedDict()
         self._cache_scans = cache_scans
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _scan(self, scan_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def scan(self, scan_id: str) -> tuple[Acquisition, torch.Tensor, np.ndarray]:
+        """``(acquisition, measurements (D, *op.out_shape), image (D, H, W))`` of one scan."""
         if scan_id in self._cache:
             self._cache.move_to_end(scan_id)
             return self._cache[scan_id]
-        item = (
-            read_kspace(self.archive.open_array(scan_id, "kspace"))[0],  # (D, H, W) single coil
-            self.archive.read_array(scan_id, "mask").astype(np.float32),  # (H, W)
-            self.archive.read_array(scan_id, "image"),  # (D, H, W)
-        )
+        acq = Acquisition.from_archive(self.archive, scan_id)
+        item = (acq, acq.read(self.archive, scan_id), self.archive.read_array(scan_id, "image"))
         self._cache[scan_id] = item
         if len(self._cache) > self._cache_scans:
             self._cache.popitem(last=False)
         return item
 
-    def batch(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ys, ms, xs = [], [], []
+    def batch(self, indices: list[int] | np.ndarray) -> tuple[torch.Tensor, LinearOperator, torch.Tensor]:
+        acqs, ys, xs = [], [], []
         for i in indices:
             sid, d = self.index[int(i)]
-            k, m, img = self._scan(sid)
-            ys.append(k[d])
-            ms.append(m)
+            acq, y, img = self.scan(sid)
+            acqs.append(acq)
+            ys.append(y[d])
             xs.append(img[d])
-        return torch.from_numpy(np.stack(ys)), torch.from_numpy(np.stack(ms)), torch.from_numpy(np.stack(xs))
-
-
-@torch.no_grad()
-def reconstruct_slices(
-    model: torch.nn.Module, y: torch.Tensor, op: LinearOperator, batch: int = 8
-) -> np.ndarray:
-    """Magnitude reconstruction ``(S, H, W)`` of measurements ``(S, *op.out_shape)`` with ``model(y, op)``."""
-    out = [model(y[start : start + batch], op).abs().numpy() for start in range(0, y.shape[0], batch)]
-    return np.concatenate(out).astype(np.float32)
+        return torch.stack(ys), Acquisition.stack(acqs), torch.from_numpy(np.stack(xs))
 
 
 def _loss(x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -126,8 +121,18 @@ def _save_checkpoint(
         json.dump({"epoch": epoch}, f)
 
 
+def _validate(model: torch.nn.Module, dataset: SliceDataset, scan_ids: list[str]) -> float | None:
+    scores = []
+    for sid in scan_ids:
+        acq, y, ref = dataset.scan(sid)
+        scores.append(psnr(reconstruct_slices(model, y, acq.op), ref))
+    return float(np.mean(scores)) if scores else None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker: build, (resume,) train, validate, report, log."""
+    config = dict(config)
+    progress = config.pop("progress", None)  # a ray.util.queue.Queue the driver's bar reads
     job = TrainJob.model_validate(config)
     import ray.train
     import ray.train.torch
@@ -138,7 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     archive = Archive(job.archive_uri, job.storage_options)
     train_set = SliceDataset(archive, job.train_ids)
-    val_set = {sid: None for sid in job.val_ids}
+    val_set = SliceDataset(archive, job.val_ids) if job.val_ids and rank == 0 else None
+    prefix = job.stage.name
 
     torch.manual_seed(job.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(job.stage.model.name, job.stage.model.kwargs)
@@ -149,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, "weights.safetensors")))
             optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            start_epoch = json.load(open(os.path.join(d, "state.json")))["epoch"] + 1
+            with open(os.path.join(d, "state.json")) as f:
+                start_epoch = json.load(f)["epoch"] + 1
     ddp_model = ray.train.torch.prepare_model(model)
     tracker = MlflowTracker(job.tracking_uri, job.run_id) if rank == 0 else None
 
@@ -163,15 +170,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ddp_model.train()
         losses = []
         for step, start in enumerate(range(0, len(mine), job.stage.batch_size)):
-            y, mask, target = train_set.batch(mine[start : start + job.stage.batch_size])
-            x = ddp_model(y, CartesianMRI(mask))
-            loss = _loss(x, target, job.stage.loss)
+            y, op, target = train_set.batch(mine[start : start + job.stage.batch_size])
+            loss = _loss(ddp_model(y, op), target, job.stage.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if tracker is not None and step % 10 == 0:
-                tracker.log_metrics({"train/progress": (epoch * steps_per_epoch + step + 1) / total_steps})
+            if rank == 0 and progress is not None:
+                progress.put_nowait((epoch * steps_per_epoch + step + 1) / total_steps)
         metrics: dict[str, float] = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -179,23 +185,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if rank == 0:
             model.eval()
-            scores = []
-            for sid in val_set:
-                kspace = read_kspace(archive.open_array(sid, "kspace"))[0]
-                val_op = CartesianMRI(torch.from_numpy(archive.read_array(sid, "mask").astype(np.float32)))
-                recon = reconstruct_slices(model, torch.from_numpy(kspace), val_op)
-                ref = archive.read_array(sid, "image")
-                scores.append(psnr(recon, ref))
-            if scores:
-                metrics["val_psnr"] = float(np.mean(scores))
+            if val_set is not None:
+                score = _validate(model, val_set, job.val_ids)
+                if score is not None:
+                    metrics["val_psnr"] = score
             with tempfile.TemporaryDirectory() as d:
                 _save_checkpoint(d, model, job, optimizer, epoch)
                 assert tracker is not None
-                tracker.log_metrics(
-                    {f"train/{k}": v for k, v in metrics.items()}
-                    | {"train/progress": (epoch + 1) / job.stage.epochs},
-                    step=epoch,
-                )
+                tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -203,24 +200,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_model(model, job.stage.model.name, job.stage.model.kwargs, d)
             assert tracker is not None
-            tracker.log_model_dir(d)
+            tracker.log_model_dir(d, f"models/{prefix}")
 
 
 def _storage_path(archive: Archive) -> str:
     return f"{archive.uri}/_meta/train"
 
 
-def run_train(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
+def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
     """Fit with Ray Train, register the model in MLflow, and return its ``models:/`` URI."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
-    committed = set(ctx.archive.scans("all")) - set(ctx.archive.quarantined("simulate"))
+    committed = ctx.archive.committed(MEASUREMENTS)
     train_ids = [s for s in ctx.archive.scans("train") if s in committed]
     val_ids = [s for s in ctx.archive.scans("val") if s in committed]
     if not train_ids:
         raise StageError(
-            "train: no simulated training scans in the archive; the simulate stage must run first"
+            f"train stage {stage.name!r}: no training scans with committed measurements in the archive; "
+            "a simulate (or ingest) stage must run first"
         )
     job = TrainJob(
         stage=stage,
@@ -234,19 +233,25 @@ def run_train(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageRe
     )
     use_gpu = stage.gpus_per_worker > 0
     resources = {"CPU": 1.0, **({"GPU": stage.gpus_per_worker} if use_gpu else {})}
+    score = ("val_psnr", "max") if val_ids else ("train_loss", "min")
+    progress: Queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job.model_dump(mode="json"),
+        train_loop_config={**job.model_dump(mode="json"), "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=f"{ctx.spec.name}-train-{fingerprint}",
+            name=f"{ctx.spec.name}-{stage.name}-{fingerprint}",
             storage_path=_storage_path(ctx.archive),
             failure_config=FailureConfig(max_failures=1),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=stage.keep_checkpoints,
+                checkpoint_score_attribute=score[0],
+                checkpoint_score_order=score[1],  # type: ignore[arg-type]
+            ),
         ),
     )
-    ctx.tracker.log_params({f"train.{k}": v for k, v in stage.model_dump(mode="json").items()})
     result: dict[str, Any] = {}
 
     def fit() -> None:
@@ -257,22 +262,28 @@ def run_train(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageRe
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    with progress_bar(ctx.console) as progress:
-        bar = progress.add_task(f"train ({stage.workers} workers, {stage.epochs} epochs)", total=100)
-        while thread.is_alive():
-            thread.join(timeout=2.0)
-            try:
-                done = ctx.tracker.client.get_run(ctx.tracker.run_id).data.metrics.get("train/progress", 0.0)
-                progress.update(bar, completed=100 * done)
-            except Exception:  # a busy SQLite file: try again next tick
-                pass
-        progress.update(bar, completed=100)
+    try:
+        with progress_bar(ctx.console) as bar_group:
+            bar = bar_group.add_task(
+                f"train {stage.name} ({stage.workers} workers, {stage.epochs} epochs)", total=100
+            )
+            while thread.is_alive():
+                try:
+                    bar_group.update(bar, completed=100 * progress.get(timeout=0.5))
+                except queue_lib.Empty:
+                    continue
+            bar_group.update(bar, completed=100)
+    finally:
+        thread.join()
+        progress.shutdown()
     if "error" in result:
-        raise StageError(f"train: Ray Train failed: {result['error']}") from result["error"]
+        raise StageError(f"train stage {stage.name!r}: Ray Train failed: {result['error']}") from result[
+            "error"
+        ]
     fit_result = result["value"]
     if fit_result.error:
-        raise StageError(f"train: Ray Train failed: {fit_result.error}")
-    name = ctx.spec.tracking.registered_model or f"{ctx.spec.name}-model"
-    model_uri = register_model(ctx.tracking_uri, name, ctx.tracker.run_id)
+        raise StageError(f"train stage {stage.name!r}: Ray Train failed: {fit_result.error}")
+    name = stage.register_as or f"{ctx.spec.name}-{stage.name}"
+    model_uri = register_model(ctx.tracking_uri, name, ctx.tracker.run_id, f"models/{stage.name}")
     final = {k: v for k, v in (fit_result.metrics or {}).items() if isinstance(v, (int, float))}
     return StageResult(outputs={"model_uri": model_uri, "metrics": final}, done=len(train_ids))

@@ -55,3 +55,17 @@ def test_operators_are_immutable_and_pickle():
     clone = pickle.loads(pickle.dumps(op))
     with pytest.raises(AttributeError):
         clone.weights = torch.zeros(3)
+
+
+def test_the_norm_of_a_batched_operator_is_its_largest_items():
+    import torch
+
+    from operators.linear import Diagonal
+
+    weights = torch.tensor([[1.0, 2.0, 0.5], [3.0, 0.1, 0.2]], dtype=torch.float64)  # two items of 3
+    op = Diagonal(weights, ndim=1)
+    assert op.in_shape == (3,)
+    # One power iteration over the whole batch would mix the items (sqrt(3² + 2²) = 3.6); per item: 3.
+    assert op.norm(n_iter=60) == pytest.approx(3.0, rel=1e-6)
+    assert Diagonal(weights[:1], ndim=1).norm(n_iter=60) == pytest.approx(2.0, rel=1e-6)
+    assert op._norm_cache, "the norm of an immutable operator is remembered"

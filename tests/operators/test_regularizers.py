@@ -216,10 +216,13 @@ def test_cycle_spun_wavelet_prox_is_shift_averaged_and_nonexpansive():
     pen = WaveletL1(W, torch.tensor([0.2, 0.5], dtype=F64), shifts=2)
     x1, x2 = _randn(2, 8, 8, seed=1), _randn(2, 8, 8, seed=2)
     single = WaveletL1(W, torch.tensor([0.2, 0.5], dtype=F64))
-    manual = sum(
-        torch.roll(single.prox(torch.roll(x1, s, dims=(-2, -1)), 1.0), (-s[0], -s[1]), dims=(-2, -1))
-        for s in [(0, 0), (0, 1), (1, 0), (1, 1)]
-    ) / 4
+    manual = (
+        sum(
+            torch.roll(single.prox(torch.roll(x1, s, dims=(-2, -1)), 1.0), (-s[0], -s[1]), dims=(-2, -1))
+            for s in [(0, 0), (0, 1), (1, 0), (1, 1)]
+        )
+        / 4
+    )
     assert torch.allclose(pen.prox(x1, 1.0), manual)
     # An average of proximal maps is a proximal map: firmly nonexpansive, hence nonexpansive.
     d = pen.prox(x1, 1.0) - pen.prox(x2, 1.0)

@@ -31,7 +31,9 @@ def test_bad_spec_exits_2_with_one_clear_message_and_no_traceback(tmp_path):
     spec.write_text(yaml.safe_dump(raw))
     out = medrecon("run", str(spec))
     assert out.returncode == 2
-    assert "bad.yaml" in out.stderr and "stages[2] (train).epochz: unknown field 'epochz'" in out.stderr
+    assert (
+        "bad.yaml" in out.stderr and "stages[2] (train 'model').epochz: unknown field 'epochz'" in out.stderr
+    )
     assert "Traceback" not in out.stderr + out.stdout
 
 

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from pipelines.runner import run_pipeline
 from pipelines.spec import PipelineSpec
-from pipelines.store import Archive
+from pipelines.store import MEASUREMENTS, Archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -30,6 +30,7 @@ def tiny_spec(root: Path, **changes) -> PipelineSpec:
     stages["train"].update(
         epochs=2, batch_size=4, model={"name": "unrolled_gd", "kwargs": {"n_iter": 2, "features": 8}}
     )
+    stages["recon"]["options"] = {"cs_tv": {"max_iter": 30}}
     for kind, fields in changes.items():
         stages[kind].update(fields)
     return PipelineSpec.model_validate(raw)
@@ -45,26 +46,29 @@ def first_run(ray_session, tmp_path_factory):
 
 def test_every_stage_ran_and_metrics_reached_mlflow(first_run):
     root, spec, result = first_run
-    assert [(r.kind, r.status) for r in result.stages] == [
+    assert [(r.name, r.status) for r in result.stages] == [
         ("phantoms", "ran"),
         ("simulate", "ran"),
-        ("train", "ran"),
+        ("model", "ran"),
         ("recon", "ran"),
         ("evaluate", "ran"),
     ]
-    assert all(not r.failed for r in result.stages)
+    assert all(not r.failed for r in result.stages) and not result.quarantined
+    assert list(result.metrics) == ["zero_filled", "cs_tv", "tiny-model.v1"]
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
-    for method in ("zero_filled", "learned"):
+    for method in ("zero_filled", "tiny-model.v1"):
         for metric in ("psnr", "ssim", "nmse"):
             logged = run.data.metrics[f"{method}/{metric}"]
             assert logged == pytest.approx(result.metrics[method][metric])
     assert 15 < run.data.metrics["zero_filled/psnr"] < 40
     assert 0 < run.data.metrics["zero_filled/ssim"] < 1
-    assert "train/train_loss" in run.data.metrics and "train/val_psnr" in run.data.metrics
+    assert "model/train_loss" in run.data.metrics and "model/val_psnr" in run.data.metrics
+    assert run.data.params["model.epochs"] == "2" and "archive" not in " ".join(run.data.params)
+    assert run.data.tags["medrecon.archive"] == result.archive_uri
     artifacts = {
-        a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "evaluation")
+        a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "evaluation/evaluate")
     }
-    assert "evaluation/per_scan_metrics.parquet" in artifacts
+    assert "evaluation/evaluate/per_scan_metrics.parquet" in artifacts
     assert any(p.endswith("_comparison.png") for p in artifacts)
 
 
@@ -76,28 +80,34 @@ def test_metrics_match_an_independent_recomputation(first_run):
     archive = Archive(str(root / "archive"))
     test_ids = archive.scans("test")
     assert len(test_ids) == 2
-    for method in ("zero_filled", "learned"):
+    for method in ("zero_filled", "tiny-model.v1"):
         scores = []
         for sid in test_ids:
             ref = archive.read_array(sid, "image")
             scores.append(psnr(archive.read_array(sid, f"recon/{method}"), ref))
         assert np.mean(scores) == pytest.approx(result.metrics[method]["psnr"], rel=1e-6)
-    lineage = archive.open_array(test_ids[0], "recon/learned").attrs
-    assert lineage["model_uri"] == result.outputs["train"]["model_uri"]
-    assert lineage["model_uri"].startswith("models:/tiny-model/")
+    lineage = archive.open_array(test_ids[0], "recon/tiny-model.v1").attrs
+    assert lineage["model_uri"] == result.outputs["model"]["model_uri"] == "models:/tiny-model/1"
+    assert lineage["method"] == "learned:model" and lineage["producer"] == "recon"
 
 
 def test_same_seed_gives_same_archive(first_run, tmp_path):
     """Determinism: phantoms, masks and k-space are identical for the same spec and seed."""
     root, spec, _ = first_run
+    from pipelines.fanout import process_scan
     from pipelines.ingest import write_phantom
     from pipelines.simulate import simulate_scan
+    from pipelines.store import SOURCE
 
     a = Archive(str(root / "archive"))
     b = Archive(str(tmp_path / "b"), create=True)
     sid = a.scans("train")[0]
-    write_phantom(b, sid, stage=spec.stage("phantoms"), seed=spec.seed)
-    simulate_scan(b, sid, stage=spec.stage("simulate"), seed=spec.seed)
+    process_scan(
+        b, SOURCE, sid, "fp", write_phantom, [], {"stage": spec.stage("phantoms"), "seed": spec.seed}
+    )
+    process_scan(
+        b, MEASUREMENTS, sid, "fp", simulate_scan, [], {"stage": spec.stage("simulate"), "seed": spec.seed}
+    )
     for name in ("image", "mask", "kspace"):
         assert np.array_equal(a.read_array(sid, name), b.read_array(sid, name)), name
 
@@ -112,15 +122,16 @@ def test_rerun_skips_everything_and_resumes_the_same_mlflow_run(first_run):
 
 def test_changing_one_stage_redoes_it_and_the_stages_after(first_run):
     root, spec, result = first_run
-    changed = tiny_spec(root, recon={"methods": ["zero_filled"]})
+    changed = tiny_spec(root, recon={"methods": ["zero_filled"], "options": {}})
     out = run_pipeline(changed, Console(quiet=True))
-    assert [(r.kind, r.status) for r in out.stages] == [
+    assert [(r.name, r.status) for r in out.stages] == [
         ("phantoms", "skipped"),
         ("simulate", "skipped"),
-        ("train", "skipped"),
+        ("model", "skipped"),
         ("recon", "ran"),
         ("evaluate", "ran"),
     ]
+    assert out.stages[3].skipped == 2 and out.stages[3].done == 0, "zero_filled was already committed"
     assert set(out.metrics) == {"zero_filled"}
     assert out.metrics["zero_filled"]["psnr"] == pytest.approx(result.metrics["zero_filled"]["psnr"])
 
@@ -133,7 +144,7 @@ def test_half_written_archive_redoes_only_the_uncommitted_scan(first_run):
     original = archive.read_array(victim, "kspace")
     # A crash mid-stage: the victim's k-space is half-written and uncommitted, the stage never finished.
     archive.write_array(victim, "kspace", np.zeros_like(original))
-    archive.uncommit("simulate", victim)
+    archive.uncommit(MEASUREMENTS, victim)
     archive.uncommit_stage("simulate")
     kspace_dir = lambda s: root / "archive" / "scans" / s / "kspace"  # noqa: E731
     before = {s: os.stat(next(kspace_dir(s).rglob("c/*"))).st_mtime_ns for s in others}
@@ -174,7 +185,7 @@ def test_ct_pipeline_without_training_through_the_cli(ray_session, tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Results on the test split (1 scans)" in out.stdout
+    assert "Results (1 scans)" in out.stdout
     assert "note: cs_tv stopped at its iteration cap before its tolerance on 100% of the scans" in out.stdout
     archive = Archive(str(tmp_path / "archive"))
     sid = archive.scans("test")[0]

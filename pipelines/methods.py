@@ -1,0 +1,136 @@
+"""Reconstruction methods as a recon stage or ``medrecon reprocess`` names them, and their output keys.
+
+A method is written as one of:
+
+* a classical name from :data:`operators.recon.METHODS` (``zero_filled``, ``fbp``, ``cg_sense``,
+  ``cs_wavelet``, ``cs_tv``);
+* ``learned:<train stage name>``: the model a train stage of the same pipeline registered;
+* a model URI: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/PATH``.
+
+Each method writes its own array ``recon/<key>`` and has its own fingerprint. A classical method's
+key is its name; a model's key names the registered model and its resolved version
+(``quickstart-model.v3``), so version 3 and version 4 both stay in the archive. An alias
+(``@champion``) is resolved to its version when the stage starts, and the version is what the
+output records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from operators.recon import METHODS
+
+__all__ = ["MethodRef", "ResolvedMethod", "parse_method", "resolve_model_uri", "classical"]
+
+_MODEL_URI = re.compile(
+    r"^models:/(?P<name>[A-Za-z0-9._-]+)(/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))$"
+)
+_RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{8,64})/(?P<path>[A-Za-z0-9._/-]+)$")
+_STAGE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+LEARNED_PREFIX = "learned:"
+
+
+@dataclass(frozen=True)
+class MethodRef:
+    """A method as written: ``kind`` is ``classical``, ``learned`` or ``model``; ``target`` is the
+    classical name, the train stage name, or the model URI."""
+
+    text: str
+    kind: Literal["classical", "learned", "model"]
+    target: str
+
+
+def parse_method(text: str) -> MethodRef:
+    """Parse one method entry; raise ValueError saying what forms are accepted."""
+    if not isinstance(text, str):
+        raise ValueError(f"a method is a string; found {text!r}")
+    if text in METHODS:
+        return MethodRef(text, "classical", text)
+    if text.startswith(LEARNED_PREFIX):
+        stage = text[len(LEARNED_PREFIX) :]
+        if not _STAGE.match(stage):
+            raise ValueError(f"{text!r}: expected learned:<train stage name>, e.g. learned:train")
+        return MethodRef(text, "learned", stage)
+    if _MODEL_URI.match(text) or _RUN_URI.match(text):
+        return MethodRef(text, "model", text)
+    raise ValueError(
+        f"unknown method {text!r}; expected a classical method ({', '.join(METHODS)}), "
+        "learned:<train stage name>, or a model URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
+        "runs:/RUN_ID/model)"
+    )
+
+
+def classical(name: str) -> Any:
+    """The :class:`operators.recon.Method` of a classical name."""
+    return METHODS[name]
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method ready to run: its output key, the model to load, and what its fingerprint hashes.
+
+    Attributes:
+        ref: the method as written.
+        key: the output array is ``recon/<key>``; metrics are ``<key>/psnr`` and so on.
+        model_uri: the exact model to load (``models:/NAME/VERSION`` or ``runs:/…``); None if classical.
+        identity: what makes two runs of this method the same: the classical name and its solver
+            options, or the model's name, version and source run.
+    """
+
+    ref: MethodRef
+    key: str
+    model_uri: str | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self, upstream: str, code: str) -> str:
+        """This method's fingerprint over one measurement fingerprint and the recon code version."""
+        payload = {"identity": self.identity, "upstream": upstream, "code": code}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """What the output array's attributes record about the method."""
+        return {"method": self.ref.text, "key": self.key, "model_uri": self.model_uri, **self.identity}
+
+
+def resolve_model_uri(uri: str, tracking_uri: str) -> tuple[str, str, dict[str, Any]]:
+    """``(output key, exact model URI, identity)`` of a model URI, resolving an alias to its version.
+
+    Raises:
+        TrackingError: the registry is unreachable or has no such model, version or alias.
+    """
+    from pipelines.errors import TrackingError
+    from pipelines.tracking import client
+
+    run = _RUN_URI.match(uri)
+    if run:
+        run_id, path = run["run_id"], run["path"]
+        return f"run.{run_id[:12]}", uri, {"model_run_id": run_id, "model_path": path}
+    m = _MODEL_URI.match(uri)
+    if m is None:
+        raise TrackingError(f"{uri!r} is not a model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/…)")
+    name = m["name"]
+    c = client(tracking_uri)
+    try:
+        mv = (
+            c.get_model_version(name, m["version"])
+            if m["version"]
+            else c.get_model_version_by_alias(name, m["alias"])
+        )
+    except Exception as exc:  # MLflow raises RestException / MlflowException for a missing version
+        what = f"version {m['version']}" if m["version"] else f"alias @{m['alias']}"
+        raise TrackingError(
+            f"model {uri!r}: the registry at {tracking_uri} has no {what} of {name!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the name and version "
+            "(mlflow ui lists them) or the tracking URI"
+        ) from None
+    version = str(mv.version)
+    return (
+        f"{name}.v{version}",
+        f"models:/{name}/{version}",
+        {"model": name, "model_version": version, "model_run_id": mv.run_id},
+    )

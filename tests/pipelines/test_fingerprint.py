@@ -1,0 +1,57 @@
+"""Code versions follow imports: a stage's fingerprint changes with the code it runs, and only that."""
+
+import pytest
+
+import pipelines.fingerprint as fingerprint
+from pipelines.fingerprint import module_closure
+
+
+def test_each_stage_depends_on_what_it_imports_and_not_on_the_cli():
+    train = module_closure("pipelines.train")
+    assert {
+        "pipelines.train",
+        "models.unrolled",
+        "operators.mri",
+        "operators.ct",
+        "pipelines.physics",
+    } <= set(train)
+    assert not {"pipelines.cli", "pipelines.runner", "pipelines.evaluate", "pipelines.recon"} & set(train)
+    recon = module_closure("pipelines.recon")
+    assert "operators.solvers" in recon and "models.registry" in recon and "pipelines.train" not in recon
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """A little project tree: pipelines/a.py imports pipelines.b inside a function; cli.py stands apart."""
+    pkg = tmp_path / "pipelines"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def run():\n    from pipelines.b import f\n    return f()\n")
+    (pkg / "b.py").write_text("import operators.c\n\ndef f():\n    return 1\n")
+    (pkg / "cli.py").write_text("import pipelines.a\n")
+    (tmp_path / "operators").mkdir()
+    (tmp_path / "operators" / "__init__.py").write_text("")
+    (tmp_path / "operators" / "c.py").write_text("X = 1\n")
+    monkeypatch.setattr(fingerprint, "ROOT", tmp_path)
+    fingerprint.module_closure.cache_clear()
+    fingerprint.code_version.cache_clear()
+    yield tmp_path
+    fingerprint.module_closure.cache_clear()
+    fingerprint.code_version.cache_clear()
+
+
+def _version(root):
+    fingerprint.module_closure.cache_clear()
+    fingerprint.code_version.cache_clear()
+    return fingerprint.code_version("pipelines.a")
+
+
+def test_a_change_anywhere_in_the_closure_changes_the_version_and_elsewhere_does_not(tree):
+    assert module_closure("pipelines.a") == (
+        "operators", "operators.c", "pipelines", "pipelines.a", "pipelines.b",
+    )  # fmt: skip
+    base = _version(tree)
+    (tree / "pipelines" / "cli.py").write_text("import pipelines.a\nTABLE = 'wider'\n")
+    assert _version(tree) == base, "editing the CLI must not redo a stage"
+    (tree / "operators" / "c.py").write_text("X = 2\n")
+    assert _version(tree) != base, "editing an operator the stage uses must redo it"
