@@ -35,6 +35,8 @@ bench: install
 	@mkdir -p .tmp benchmarks/results
 	$(BIN)/python benchmarks/operators.py
 	$(BIN)/python benchmarks/simulate.py
+	$(BIN)/python benchmarks/reprocess.py
+	$(BIN)/python benchmarks/integrity.py
 
 lint: install
 	$(BIN)/ruff check operators models pipelines tests benchmarks

@@ -4,16 +4,24 @@ Imports go pipelines -> models -> operators.
 
 Modules (imported lazily; ``import pipelines`` loads nothing heavy):
 
-- ``spec``: pydantic models of a pipeline file; ``store``: the Zarr archive, catalog, commit markers
-- ``fanout``: one Ray task per scan with skip / commit / quarantine; ``fingerprint``: stage fingerprints
-- ``ingest``, ``simulate``, ``train``, ``recon``, ``evaluate``: one module per stage;
-  ``physics``: acquisitions
-- ``runner``: runs a spec; ``tracking``: MLflow; ``cli``: the ``medrecon`` command
+- ``spec``: pydantic models of a pipeline file and the registry of stage kinds; ``specfile``: reading
+  a file, ``--set`` overrides, readable errors; ``methods``: recon methods and their output keys
+- ``store``: the Zarr archive, catalog, commit records; ``integrity``: checksummed writes and reads;
+  ``lease``: one writer per archive
+- ``fanout``: one Ray task per scan with skip / commit / quarantine; ``fingerprint``: fingerprints
+- ``physics``: the typed Acquisition (operator and measurement layout)
+- ``ingest``, ``simulate``, ``train``, ``recon``, ``evaluate``: one module per stage kind
+- ``runner``: runs a spec; ``reprocess``: the spec-less batch job; ``preflight``: checks before Ray;
+  ``embedded``: the embedded Ray's life; ``secrets``: redaction; ``tracking``: MLflow; ``cli``
 """
 
 __all__ = [
     "spec",
+    "specfile",
+    "methods",
     "store",
+    "integrity",
+    "lease",
     "fanout",
     "fingerprint",
     "physics",
@@ -23,6 +31,10 @@ __all__ = [
     "recon",
     "evaluate",
     "runner",
+    "reprocess",
+    "preflight",
+    "embedded",
+    "secrets",
     "tracking",
     "context",
     "cli",

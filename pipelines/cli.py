@@ -48,6 +48,13 @@ DebugOpt = Annotated[
         "--debug", help="Show full tracebacks instead of one-line errors, and stream Ray worker logs."
     ),
 ]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait-for-lock",
+        help="If another run is writing to the archive, wait for it to finish instead of exiting with 2.",
+    ),
+]
 
 _COLUMN_TITLES = {
     "psnr": "PSNR (dB)",
@@ -91,19 +98,30 @@ def _load(spec_path: Path, overrides: list[str] | None, debug: bool) -> Any:
         _fail(exc, debug, EXIT_USAGE)
 
 
-def _execute(pipeline: Any, debug: bool) -> None:
+def _execute(pipeline: Any, debug: bool, wait_for_lock: bool = False) -> None:
     """Run a validated pipeline, print its tables, and exit with the code the outcome deserves."""
-    from pipelines.errors import SpecError
+    from pipelines.errors import LeaseError, SpecError
     from pipelines.runner import run_pipeline
 
     try:
-        result = run_pipeline(pipeline, console, verbose=debug)
-    except SpecError as exc:
+        result = run_pipeline(pipeline, console, verbose=debug, wait_for_lock=wait_for_lock)
+    except (SpecError, LeaseError) as exc:
         _fail(exc, debug, EXIT_USAGE)
         return
     except _known_errors() as exc:
         _fail(exc, debug, EXIT_FAILED)
         return
+    except KeyboardInterrupt:
+        err_console.print("interrupted: what was committed stays; run again to do the rest")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug or an environment failure: one line, the traceback behind --debug
+        if debug:
+            raise
+        err_console.print(
+            f"[bold red]error:[/] {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED) from None
     _print_stages(result)
     _print_results(result)
     console.print(
@@ -162,9 +180,13 @@ def _print_results(result: Any) -> None:
 
 
 @app.command()
-def run(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Run a pipeline: each stage is skipped when its committed output is unchanged, else (re)done."""
-    _execute(_load(spec, set_, debug), debug)
+def run(spec: SpecArg, set_: SetOpt = None, wait_for_lock: WaitOpt = False, debug: DebugOpt = False) -> None:
+    """Run a pipeline: each stage is skipped when its committed output is unchanged, else (re)done.
+
+    One run writes to an archive at a time; a second one exits with 2 naming the first, or waits
+    with --wait-for-lock.
+    """
+    _execute(_load(spec, set_, debug), debug, wait_for_lock)
 
 
 @app.command()
@@ -202,6 +224,7 @@ def reprocess(
     evaluate: Annotated[
         bool, typer.Option("--evaluate", help="Score against the reference images where they exist")
     ] = False,
+    wait_for_lock: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Reconstruct an existing archive with classical methods or registered models; no spec file.
@@ -230,7 +253,7 @@ def reprocess(
     except SpecError as exc:
         _fail(exc, debug, EXIT_USAGE)
         return
-    _execute(pipeline, debug)
+    _execute(pipeline, debug, wait_for_lock)
 
 
 @app.command()
@@ -238,8 +261,10 @@ def validate(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> Non
     """Check a pipeline file and print it with defaults filled in; runs nothing."""
     import yaml
 
+    from pipelines.secrets import redact
+
     pipeline = _load(spec, set_, debug)
-    console.print(yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False))
+    console.print(yaml.safe_dump(redact(pipeline.model_dump(mode="json")), sort_keys=False))
     console.print(f"[green]{spec}: valid[/]")
 
 
@@ -287,8 +312,20 @@ def show(
             console.print(f"[yellow]{unit}: {scan}: {error}[/]")
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) takes Ctrl-C's path: Ray shut down, lease released,
+    MLflow run marked KILLED."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:  # pragma: no cover - entry point
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _interrupt_on_sigterm()
     sys.exit(app())
 
 

@@ -4,7 +4,9 @@ Hierarchy::
 
     PipelineError                  base of everything raised on purpose here
     ├── SpecError                  a pipeline file or a command's arguments are invalid
-    │                              (names file or option, field, expected, found)
+    │   │                          (names file or option, field, expected, found)
+    │   └── PreflightError         a valid spec that cannot run here: a task bigger than the
+    │                              machine, an unreachable tracking server or archive
     ├── ScanIdError (ValueError)   a scan ID that may not become a path part
     ├── ArchiveError               the archive is missing, unreadable, of another layout version,
     │   │                          or lacks an array a stage needs
@@ -22,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "PipelineError",
     "SpecError",
+    "PreflightError",
     "ScanIdError",
     "ArchiveError",
     "IntegrityError",
@@ -37,6 +40,10 @@ class PipelineError(Exception):
 
 class SpecError(PipelineError):
     """A pipeline file (or a command's arguments) is unreadable or does not validate."""
+
+
+class PreflightError(SpecError):
+    """A valid spec that cannot run here; found before Ray starts (the message says what and why)."""
 
 
 class ScanIdError(PipelineError, ValueError):

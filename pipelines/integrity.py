@@ -106,10 +106,12 @@ class ArrayReader:
     ``reader[z0:z1]`` is ``reader.read(z0, z1)``; ``shape``, ``dtype`` and ``attrs`` need no data read.
     """
 
-    def __init__(self, archive: Archive, scan_id: str, name: str) -> None:
+    def __init__(
+        self, archive: Archive, scan_id: str, name: str, record: dict[str, Any] | None = None
+    ) -> None:
         self.archive = archive
         self.array = archive.open_array(scan_id, name)
-        self.record = archive.array_record(scan_id, name)
+        self.record = record if record is not None else archive.array_record(scan_id, name)
         self.where = f"scans/{scan_id}/{name}"
         if list(self.array.shape) != self.record["shape"] or str(self.array.dtype) != self.record["dtype"]:
             raise IntegrityError(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from operators.ct import FanBeam, ParallelBeam, sparse_view_angles
 from operators.linear import LinearOperator
 from pipelines.errors import ArchiveError, StageError
 from pipelines.spec import CTSpec, SimulateStage
-from pipelines.store import Archive
+from pipelines.store import MEASUREMENTS, Archive
 
 __all__ = ["Acquisition", "ct_operator", "mri_operator", "sampled_columns", "MEASUREMENT_ARRAYS"]
 
@@ -93,6 +93,7 @@ class Acquisition:
         maps: complex ``(C, H, W)`` coil sensitivities (SENSE), else None.
         columns: the stored k-space columns of a 1D Cartesian mask, else None (full k-space).
         ct: the CT settings (CT), else None.
+        records: what the measurements' commit recorded of each array (read once; reads check it).
     """
 
     modality: str
@@ -103,6 +104,7 @@ class Acquisition:
     maps: torch.Tensor | None = None
     columns: np.ndarray | None = None
     ct: CTSpec | None = None
+    records: dict[str, Any] = field(default_factory=dict)
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
@@ -136,19 +138,22 @@ class Acquisition:
         arr = archive.open_array(scan_id, name)
         attrs = arr.attrs.asdict()
         where = f"scans/{scan_id}/{name}"
+        records = (archive.commit_record(MEASUREMENTS, scan_id) or {}).get("arrays", {})
         h, w = (int(v) for v in attrs["image_shape"])
         if modality == "ct":
             ct = CTSpec.model_validate(attrs["ct"])
-            return cls("ct", ct_operator(ct, (h, w)), (h, w), ct=ct)
+            return cls("ct", ct_operator(ct, (h, w)), (h, w), ct=ct, records=records)
         coils = int(attrs.get("coils", 1))
         if len(arr.shape) != 4 or arr.shape[1] != coils:
             raise ArchiveError(
                 f"{where}: stored with shape {tuple(arr.shape)}; expected (D, C={coils}, H, W) k-space"
             )
-        mask = torch.from_numpy(archive.read_array(scan_id, "mask"))
-        maps = torch.from_numpy(archive.read_array(scan_id, "coil_maps")) if coils > 1 else None
+        mask = torch.from_numpy(archive.reader(scan_id, "mask", records.get("mask")).read())
+        maps = None
+        if coils > 1:
+            maps = torch.from_numpy(archive.reader(scan_id, "coil_maps", records.get("coil_maps")).read())
         columns = cls._stored_columns(attrs, arr.shape[-1], w, where)
-        return cls("mri", mri_operator(mask, maps), (h, w), coils, mask, maps, columns)
+        return cls("mri", mri_operator(mask, maps), (h, w), coils, mask, maps, columns, records=records)
 
     @staticmethod
     def _stored_columns(attrs: dict[str, Any], stored: int, width: int, where: str) -> np.ndarray | None:
@@ -233,7 +238,8 @@ class Acquisition:
         self, archive: Archive, scan_id: str, z0: int | None = None, z1: int | None = None
     ) -> torch.Tensor:
         """Slices ``z0:z1`` of the scan's measurements in operator layout, checked against their commit."""
-        return self.from_stored(archive.read_array(scan_id, self.measurement, z0, z1))
+        record = self.records.get(self.measurement)
+        return self.from_stored(archive.reader(scan_id, self.measurement, record).read(z0, z1))
 
     # -- batches -----------------------------------------------------------------------------------
     @staticmethod

@@ -196,7 +196,7 @@ class Reconstructor:
         measured = archive.open_array(scan_id, acq.measurement)
         depth = measured.shape[0]
         slab = int(measured.attrs.get("slab") or depth)
-        input_checksum = record_digest((archive.commit_record(MEASUREMENTS, scan_id) or {}).get("arrays", {}))
+        input_checksum = record_digest(acq.records)
         h, w = acq.image_shape
         results: dict[str, Any] = {}
         active = {}

@@ -28,13 +28,24 @@ from typing import Any
 from rich.console import Console
 
 from pipelines.context import StageContext
+from pipelines.embedded import ensure_ray, ray_address
 from pipelines.errors import PipelineError
 from pipelines.fingerprint import code_version, combine, stage_fingerprint
-from pipelines.spec import STAGE_KINDS, PipelineSpec, Settings
-from pipelines.store import MEASUREMENTS, SOURCE, Archive
+from pipelines.lease import ArchiveLease
+from pipelines.preflight import archive_shape, check_memory, check_storage, check_tracking
+from pipelines.secrets import redact, redact_uri
+from pipelines.spec import STAGE_KINDS, PipelineSpec
+from pipelines.store import MEASUREMENTS, SOURCE, Archive, locate
 from pipelines.tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_pipeline_run
 
-__all__ = ["PlannedStage", "StageReport", "PipelineResult", "plan", "run_pipeline", "ensure_ray"]
+__all__ = [
+    "PlannedStage",
+    "StageReport",
+    "PipelineResult",
+    "plan",
+    "run_pipeline",
+    "external_data_fingerprint",
+]
 
 
 @dataclass(frozen=True)
@@ -89,9 +100,13 @@ class PipelineResult:
 
 
 def external_data_fingerprint(archive: Archive) -> str:
-    """What a pipeline without data stages reads: the archive's current source and measurements."""
+    """What a pipeline without data stages reads: the fingerprint of the archive's current measurements.
+
+    It is the fingerprint of the simulate stage that wrote them (which chains the images'), the very
+    value a full pipeline's recon stage reads, so both give one method the same fingerprint.
+    """
     current = archive.current_fingerprints()
-    return combine({"source": current.get(SOURCE, ""), "measurements": current.get(MEASUREMENTS, "")})
+    return current.get(MEASUREMENTS) or current.get(SOURCE) or ""
 
 
 def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
@@ -114,62 +129,87 @@ def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
     return out
 
 
-def ensure_ray(spec: PipelineSpec, verbose: bool = False) -> bool:
-    """Connect to the spec's or ``$MEDRECON_RAY_ADDRESS``'s cluster, else start an embedded one.
-
-    Worker logs stay in Ray's log files unless ``verbose`` (the CLI's ``--debug``) streams them
-    to the terminal. Returns True when this call started Ray (the caller then shuts it down).
-    """
-    import logging
-
-    import ray
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-    if ray.is_initialized():
-        return False
-    env = {
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
-    }
-    address = spec.ray.address or Settings().ray_address
-    if address:
-        ray.init(
-            address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=verbose
-        )
-    else:
-        ray.init(
-            address="local",
-            num_cpus=spec.ray.num_cpus,
-            include_dashboard=False,
-            logging_level="WARNING",
-            log_to_driver=verbose,
-            runtime_env={"env_vars": env},
-        )
-    return True
-
-
 def _params(spec: PipelineSpec) -> dict[str, Any]:
-    """The fingerprinted settings, flat: ``<stage name>.<field>`` and ``pipeline.seed``."""
+    """The fingerprinted settings, flat and redacted: ``<stage name>.<field>`` and ``pipeline.seed``.
+
+    Environment facts (archive, Ray, CPUs) are tags instead: they may change between runs of one
+    pipeline, and MLflow refuses a changed param.
+    """
     out: dict[str, Any] = {"pipeline.seed": spec.seed}
     for stage in spec.stages:
-        for key, value in stage.model_dump(mode="json", exclude={"name"}).items():
+        for key, value in redact(stage.model_dump(mode="json", exclude={"name"})).items():
             out[f"{stage.name}.{key}"] = value
     return out
 
 
+def _environment_tags(spec: PipelineSpec, archive: Archive, tracking_uri: str) -> dict[str, str]:
+    return {
+        "medrecon.pipeline": spec.name,
+        "medrecon.code_version": code_version(),
+        "medrecon.archive": redact_uri(archive.uri),
+        "medrecon.tracking_uri": redact_uri(tracking_uri),
+        "medrecon.ray": redact_uri(ray_address(spec) or "embedded"),
+        "medrecon.ray_num_cpus": str(spec.ray.num_cpus or "all"),
+    }
+
+
+def _memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    if holder.get("unreadable"):
+        return f"an unreadable lease file at {holder.get('path')}"
+    return f"{holder.get('owner')!r} (pid {holder.get('pid')} on host {holder.get('host')})"
+
+
 def run_pipeline(
-    spec: PipelineSpec, console: Console | None = None, *, verbose: bool = False
+    spec: PipelineSpec, console: Console | None = None, *, verbose: bool = False, wait_for_lock: bool = False
 ) -> PipelineResult:
-    """Run every stage of ``spec`` (see the module docstring); raise on a failed stage."""
+    """Run every stage of ``spec`` (see the module docstring); raise on a failed stage.
+
+    Before Ray starts: the archive and tracking are checked (:mod:`pipelines.preflight`) and the
+    archive's writer lease is taken (:mod:`pipelines.lease`): a second run on the same archive
+    raises :class:`~pipelines.errors.LeaseError` naming the holder, or with ``wait_for_lock``
+    queues behind it. The MLflow run ends FINISHED, FAILED, or KILLED (Ctrl-C, SIGTERM).
+    """
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     console = console or Console()
     t_start = time.perf_counter()
-    creates = any(STAGE_KINDS[s.kind].role == "data" and s.kind == "phantoms" for s in spec.stages)
+    creates = bool(spec.of_kind("phantoms"))
+    check_storage(spec.archive.path, spec.archive.storage_options, creates=creates)
+    _, _, archive_uri, is_local = locate(spec.archive.path, spec.archive.storage_options)
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri, archive_uri, is_local)
+    check_tracking(tracking_uri)
+    embedded = ray_address(spec) is None
+    if embedded and creates:  # before anything is written
+        check_memory(spec, _memory(), "this machine")
     archive = Archive(spec.archive.path, spec.archive.storage_options, create=creates)
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri, archive.uri, archive.is_local)
+    if embedded and not creates:
+        check_memory(spec, _memory(), "this machine", archive_shape(archive))
 
+    lease = ArchiveLease(
+        archive.fs, archive._path("_meta", "lease.json"), owner=f"medrecon pipeline {spec.name}"
+    )
+    lease.acquire(
+        wait=wait_for_lock,
+        on_wait=lambda h: console.print(f"waiting for the archive, in use by {_describe_holder(h)} ..."),
+        on_takeover=lambda h: console.print(
+            f"[yellow]took over the archive lease of {_describe_holder(h)}: that run is gone[/]"
+        ),
+    )
+    try:
+        return _run(spec, archive, tracking_uri, console, verbose, t_start)
+    finally:
+        lease.release()
+
+
+def _run(
+    spec: PipelineSpec, archive: Archive, tracking_uri: str, console: Console, verbose: bool, t_start: float
+) -> PipelineResult:
     has_data = any(STAGE_KINDS[s.kind].role == "data" for s in spec.stages)
     planned = plan(spec, "" if has_data else external_data_fingerprint(archive))
     fingerprints = {p.stage.name: p.fingerprint for p in planned}
@@ -178,23 +218,20 @@ def run_pipeline(
         spec.tracking.experiment,
         spec.name,
         combine({"name": spec.name, "stages": fingerprints}),
-        {
-            "medrecon.pipeline": spec.name,
-            "medrecon.code_version": code_version(),
-            "medrecon.archive": archive.uri,
-        },
+        {},
     )
     tracker = MlflowTracker(tracking_uri, run_id)
     tracker.log_params(_params(spec))
+    tracker.set_tags(_environment_tags(spec, archive, tracking_uri))
     console.print(
-        f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {archive.uri}, "
-        f"MLflow run {run_id} at {tracking_uri}"
+        f"[bold]medrecon[/] pipeline [cyan]{spec.name}[/]: archive {redact_uri(archive.uri)}, "
+        f"MLflow run {run_id} at {redact_uri(tracking_uri)}"
     )
-
-    started = ensure_ray(spec, verbose)
     upstream: dict[str, dict[str, Any]] = {}
     reports: list[StageReport] = []
+    started = False
     try:
+        started = ensure_ray(spec, verbose, console.print)
         for step in planned:
             stage, fp = step.stage, step.fingerprint
             record = archive.stage_record(stage.name)
@@ -238,6 +275,9 @@ def run_pipeline(
             for scan_id, error in result.failed.items():
                 console.print(f"[yellow]{stage.name}: scan {scan_id} quarantined: {error}[/]")
         finish_run(tracking_uri, run_id, "FINISHED")
+    except KeyboardInterrupt:
+        finish_run(tracking_uri, run_id, "KILLED")
+        raise
     except BaseException:
         finish_run(tracking_uri, run_id, "FAILED")
         raise

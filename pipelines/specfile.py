@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.errors import SpecError
+from pipelines.secrets import MASK, is_secret, redact
 from pipelines.spec import STAGE_KINDS, PipelineSpec
 
 __all__ = ["load_spec", "apply_overrides", "format_validation_error"]
@@ -120,7 +121,7 @@ def format_validation_error(err: ValidationError, raw: dict[str, Any], source: s
                 else e["msg"]
             )
         else:
-            found = e.get("input")
+            found = MASK if any(is_secret(part) for part in e["loc"]) else redact(e.get("input"))
             msg = f"{e['msg'].removeprefix('Value error, ')}" + (
                 "" if kind.startswith("value_error") else f" (found {found!r})"
             )

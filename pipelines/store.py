@@ -58,6 +58,7 @@ from pipelines.errors import ArchiveError, ScanIdError
 from pipelines.integrity import ArrayReader, SlabWriter
 
 __all__ = [
+    "locate",
     "LAYOUT_VERSION",
     "SOURCE",
     "MEASUREMENTS",
@@ -174,6 +175,19 @@ def chunk_layout(
     return chunks, shards
 
 
+def locate(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str, str, bool]:
+    """``(filesystem, root path, canonical URI, is local)`` of an archive location; nothing is created.
+
+    A local path becomes absolute (Ray workers do not share the driver's working directory).
+    """
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    is_local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    if is_local:
+        root = os.path.abspath(root.rstrip("/"))
+        return fs, root, root, True
+    return fs, root.rstrip("/"), uri.rstrip("/"), False
+
+
 class Archive:
     """A Zarr v3 archive of scans with a Parquet catalog and checksummed commit records.
 
@@ -191,14 +205,7 @@ class Archive:
         self, uri: str, storage_options: dict[str, Any] | None = None, *, create: bool = False
     ) -> None:
         self.storage_options = dict(storage_options or {})
-        self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
-        self.root = root.rstrip("/")
-        self.is_local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
-        self.uri = os.path.abspath(self.root) if self.is_local else uri.rstrip("/")
-        if self.is_local:
-            self.root = self.uri
+        self.fs, self.root, self.uri, self.is_local = locate(uri, self.storage_options)
         if self.fs.isfile(self.root):
             raise ArchiveError(
                 f"archive path {self.uri} is a file; expected a directory holding a Zarr archive "
@@ -340,9 +347,12 @@ class Archive:
             )
         return record["arrays"][name]
 
-    def reader(self, scan_id: str, name: str) -> ArrayReader:
-        """Verified, lazy access to a committed array (see :class:`ArrayReader`)."""
-        return ArrayReader(self, scan_id, name)
+    def reader(self, scan_id: str, name: str, record: dict[str, Any] | None = None) -> ArrayReader:
+        """Verified, lazy access to a committed array (see :class:`ArrayReader`).
+
+        ``record`` is the array's entry of its commit record, when the caller has already read it.
+        """
+        return ArrayReader(self, scan_id, name, record)
 
     def read_array(self, scan_id: str, name: str, z0: int | None = None, z1: int | None = None) -> np.ndarray:
         """Slices ``z0:z1`` (default all) of ``scans/<scan_id>/<name>``, checked against its commit.

@@ -94,8 +94,9 @@ class MlflowTracker:
         self.client.log_figure(self.run_id, figure, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_model_dir(self, directory: str | Path, artifact_path: str) -> str:
         """Log a saved model directory (model.json + weights.safetensors) at ``artifact_path``."""
@@ -192,10 +193,18 @@ def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tu
     from models.registry import load_model
 
     with tempfile.TemporaryDirectory(prefix="medrecon-model-") as target:
-        try:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target)
+        try:  # URIs passed, never set globally: one process may talk to several tracking servers
+            source = model_uri
+            if model_uri.startswith("models:/"):
+                name, _, ref = model_uri[len("models:/") :].partition("/")
+                c = client(tracking_uri)
+                if "@" in name:
+                    name, alias = name.split("@", 1)
+                    ref = c.get_model_version_by_alias(name, alias).version
+                source = c.get_model_version_download_uri(name, ref)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=target, tracking_uri=tracking_uri
+            )
         except Exception as exc:
             raise TrackingError(
                 f"could not download model {model_uri!r} from {tracking_uri!r}: {exc}"

@@ -252,35 +252,34 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
             ),
         ),
     )
-    result: dict[str, Any] = {}
+    stop = threading.Event()
 
-    def fit() -> None:
+    def show_progress(bar_group: Any, bar: Any) -> None:  # reads the queue rank 0 writes to
+        while not stop.is_set():
+            try:
+                bar_group.update(bar, completed=100 * progress.get(timeout=0.5))
+            except queue_lib.Empty:
+                continue
+            except Exception:  # Ray is shutting down (Ctrl-C): the bar just stops
+                return
+
+    # fit() runs on the main thread, so Ctrl-C and SIGTERM interrupt it directly; a reader thread
+    # feeds the bar and is stopped before Ray can shut down under it.
+    with progress_bar(ctx.console) as bar_group:
+        bar = bar_group.add_task(
+            f"train {stage.name} ({stage.workers} workers, {stage.epochs} epochs)", total=100
+        )
+        reader = threading.Thread(target=show_progress, args=(bar_group, bar), daemon=True)
+        reader.start()
         try:
-            result["value"] = trainer.fit()
-        except Exception as exc:  # surfaced on the driver thread below
-            result["error"] = exc
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    try:
-        with progress_bar(ctx.console) as bar_group:
-            bar = bar_group.add_task(
-                f"train {stage.name} ({stage.workers} workers, {stage.epochs} epochs)", total=100
-            )
-            while thread.is_alive():
-                try:
-                    bar_group.update(bar, completed=100 * progress.get(timeout=0.5))
-                except queue_lib.Empty:
-                    continue
-            bar_group.update(bar, completed=100)
-    finally:
-        thread.join()
-        progress.shutdown()
-    if "error" in result:
-        raise StageError(f"train stage {stage.name!r}: Ray Train failed: {result['error']}") from result[
-            "error"
-        ]
-    fit_result = result["value"]
+            fit_result = trainer.fit()
+        except Exception as exc:
+            raise StageError(f"train stage {stage.name!r}: Ray Train failed: {exc}") from exc
+        finally:
+            stop.set()
+            reader.join()
+            progress.shutdown()
+        bar_group.update(bar, completed=100)
     if fit_result.error:
         raise StageError(f"train stage {stage.name!r}: Ray Train failed: {fit_result.error}")
     name = stage.register_as or f"{ctx.spec.name}-{stage.name}"

@@ -1,4 +1,4 @@
-"""Layering: operators/ and models/ never import ray, mlflow or zarr (STYLE.md §13)."""
+"""Layering: operators/ and models/ never import ray, mlflow or zarr (README: Architecture)."""
 
 import ast
 from pathlib import Path

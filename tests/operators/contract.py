@@ -1,4 +1,4 @@
-"""The property tests every LinearOperator must pass (STYLE.md §2).
+"""The property tests every LinearOperator must pass (the operator contract in operators/linear.py).
 
 Call :func:`check_linear_operator` from a test with an operator in float64 (or
 complex128). It checks, on random inputs drawn from a seeded generator:

@@ -1,5 +1,6 @@
 """The command line: exit codes and one-line errors without tracebacks."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def medrecon(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
     )
 
 
@@ -51,3 +57,29 @@ def test_validate_prints_defaults_and_applies_overrides():
 def test_show_on_missing_archive_is_a_clear_error(tmp_path):
     out = medrecon("show", str(tmp_path / "nope"))
     assert out.returncode == 1 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_show_marks_done_stale_quarantined_and_missing(tmp_path):
+    from tests.pipelines.helpers import phantom_archive
+
+    archive = phantom_archive(tmp_path / "a", n=4)
+    archive.commit("recon/cs_tv", "s0", "old")  # left by an earlier run
+    archive.commit("recon/cs_tv", "s1", "new")
+    archive.quarantine(
+        "recon/cs_tv", "s2", "IntegrityError: scans/s2/kspace: chunk c/0/0/0/0 is missing", "recon"
+    )
+    archive.commit_stage("recon", "fp", kind="recon", units={"recon/cs_tv": "new"})
+    out = medrecon("show", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("│ s")}
+    marks = {scan: row.rstrip().rstrip("│").split("│")[-1].strip() for scan, row in rows.items()}
+    assert marks == {"s0": "~", "s1": "✓", "s2": "✗", "s3": "·"}
+    assert "recon/cs_tv: s2: IntegrityError: scans/s2/kspace: chunk c/0/0/0/0 is missing" in out.stdout
+
+
+def test_help_lists_reprocess_and_exit_codes():
+    out = medrecon("--help")
+    assert "reprocess" in out.stdout and "3 some scans quarantined" in out.stdout
+    reprocess_help = medrecon("reprocess", "--help").stdout
+    for option in ("--method", "--split", "--scans", "--actors", "--evaluate", "--wait-for-lock"):
+        assert option in reprocess_help

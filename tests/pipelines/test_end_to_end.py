@@ -196,3 +196,20 @@ def test_ct_pipeline_without_training_through_the_cli(ray_session, tmp_path):
     assert metrics["cs_tv/iterations"] == 40 and metrics["fbp/iterations"] == 0
     assert metrics["cs_tv/converged"] == 0 and metrics["fbp/converged"] == 1
     assert metrics["cs_tv/psnr"] > metrics["fbp/psnr"]  # 60 noisy views: TV beats filtered back-projection
+
+
+def test_reprocess_reuses_what_the_pipeline_wrote_and_adds_only_the_new(first_run):
+    """A recon method's fingerprint is the same from a pipeline and from ``medrecon reprocess``."""
+    from pipelines.reprocess import reprocess_spec
+
+    root, spec, result = first_run
+    archive = Archive(str(root / "archive"))
+    scans = archive.scans("test")
+    reused = ("recon/zero_filled", "recon/tiny-model.v1")
+    before = {(u, s): archive.commit_record(u, s) for u in reused for s in scans}
+    methods = ["zero_filled", "models:/tiny-model/1", "cg_sense"]
+    spec_r = reprocess_spec(str(root / "archive"), methods, split="test", tracking_uri=result.tracking_uri)
+    (stage,) = run_pipeline(spec_r, Console(quiet=True)).stages
+    assert (stage.status, stage.done, stage.skipped) == ("ran", 2, 0), "cg_sense is new on both test scans"
+    assert {(u, s): archive.commit_record(u, s) for u, s in before} == before, "a pipeline output was redone"
+    assert set(archive.committed("recon/cg_sense")) == set(scans)

@@ -1,0 +1,231 @@
+"""Checks that refuse a pipeline before Ray starts: memory per task, tracking and storage reachability.
+
+A spec can validate and still be unable to run here: a 10¹²-voxel phantom, an MLflow server that
+is down, an archive path that does not exist. :func:`preflight` finds these in seconds, before the
+lease is taken or Ray started, and raises :class:`~pipelines.errors.PreflightError` (exit code 2)
+with what was found and how to fix it, instead of failing minutes later in a worker.
+
+Memory estimates are per task (one scan, one slab, one training worker), from the spec's shapes,
+coils, slabs and batch sizes, with the working-set factors measured for each stage's code:
+
+* phantoms: ~48 bytes a voxel (the float32 coordinate grid, image, labels, intensity field and
+  the temporaries of one ellipsoid test);
+* simulate: the image (kept whole if at most 256 MiB, else one slab) and ~6 complex copies of a
+  slab's k-space per coil (operator output, noise, the acquired columns);
+* train, per worker: the scan cache (8 scans of image and measurements) and the activations of
+  forward and backward, ~3 x n_iter x features x depth floats a pixel of the batch;
+* recon, per actor: the slab's measurements and ~14 image-sized solver arrays (PDHG for TV);
+* evaluate: the reference, each reconstruction and ~12 image-sized SSIM temporaries.
+
+They are deliberately rough (within ~2x): the point is to refuse what cannot fit, not to plan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.errors import PreflightError
+from pipelines.secrets import redact_uri
+from pipelines.spec import PipelineSpec
+
+__all__ = [
+    "TaskEstimate",
+    "estimate_tasks",
+    "check_memory",
+    "check_tracking",
+    "check_storage",
+    "archive_shape",
+]
+
+GiB = 1 << 30
+#: What a simulate task keeps of the image when it fits (pipelines.simulate.IMAGE_CACHE_BYTES).
+_IMAGE_CACHE = 256 << 20
+
+
+@dataclass(frozen=True)
+class TaskEstimate:
+    """The memory one task of a stage needs, and what it is made of (for the message)."""
+
+    stage: str
+    bytes: int
+    what: str
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def estimate_tasks(spec: PipelineSpec, shape: tuple[int, int, int] | None = None) -> list[TaskEstimate]:
+    """The largest task of each stage whose size the spec (or ``shape``, from the catalog) determines."""
+    phantoms = next(iter(spec.of_kind("phantoms")), None)
+    shape = tuple(phantoms.shape) if phantoms is not None else shape
+    if shape is None:
+        return []
+    d, h, w = shape
+    voxels, plane = d * h * w, h * w
+    sim = next(iter(spec.of_kind("simulate")), None)
+    coils = sim.coils if sim is not None and sim.modality == "mri" else 1
+    slab = min(sim.slab or d, d) if sim is not None else d
+    meas_plane = plane * coils * 8 if sim is None or sim.modality == "mri" else plane * 4 * 2
+    out = []
+    for stage in spec.stages:
+        if stage.kind == "phantoms":
+            out.append(TaskEstimate(stage.name, 48 * voxels, f"a {d}x{h}x{w} phantom at ~48 bytes a voxel"))
+        elif stage.kind == "simulate":
+            image = 4 * voxels if 4 * voxels <= _IMAGE_CACHE else 4 * slab * plane
+            need = image + 6 * slab * meas_plane
+            out.append(
+                TaskEstimate(stage.name, need, f"a slab of {slab} slices of {h}x{w} with {coils} coil(s)")
+            )
+        elif stage.kind == "train":
+            kw = stage.model.kwargs
+            per_pixel = 3 * kw.get("n_iter", 5) * kw.get("features", 32) * kw.get("depth", 3) * 4
+            need = 8 * (4 * voxels + d * meas_plane) + stage.batch_size * plane * per_pixel
+            out.append(
+                TaskEstimate(stage.name, need, f"a worker: 8 cached scans and a batch of {stage.batch_size}")
+            )
+        elif stage.kind == "recon":
+            need = slab * (meas_plane + 14 * plane * 8) + 4 * voxels
+            out.append(TaskEstimate(stage.name, need, f"an actor reconstructing a slab of {slab} slices"))
+        elif stage.kind == "evaluate":
+            need = (2 + 12) * 4 * voxels
+            out.append(TaskEstimate(stage.name, need, f"scoring a {d}x{h}x{w} volume"))
+    return out
+
+
+def check_memory(
+    spec: PipelineSpec, limit: int, where: str, shape: tuple[int, int, int] | None = None
+) -> None:
+    """Refuse when one task of a stage needs more than ``limit`` bytes (``where`` names the machine)."""
+    for task in estimate_tasks(spec, shape):
+        if task.bytes > limit:
+            raise PreflightError(
+                f"stage {task.stage!r}: one task needs about {_human(task.bytes)} ({task.what}), more than "
+                f"the {_human(limit)} of memory of {where}; use smaller shapes, a smaller slab or batch, "
+                "or a bigger machine"
+            )
+
+
+def _http_health(uri: str, timeout: float) -> str | None:
+    """None if the MLflow server at ``uri`` answers, else why not (one short phrase)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status < 500 else f"it answered HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return None if exc.code < 500 else f"it answered HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(reason, TimeoutError):
+            return f"no answer within {timeout:.0f} s"
+        return str(reason)
+    except TimeoutError:
+        return f"no answer within {timeout:.0f} s"
+    except OSError as exc:
+        return str(exc)
+
+
+def _writable_dir(path: str) -> str | None:
+    """None if ``path`` is a directory we can create files in (or can be created), else why not."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def check_tracking(uri: str, timeout: float = 3.0) -> None:
+    """Refuse an MLflow URI that cannot be reached in ``timeout`` seconds (a server) or written (a file)."""
+    shown = redact_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        why = _http_health(uri, timeout)
+        if why:
+            raise PreflightError(
+                f"MLflow server at {shown} is not reachable ({why}); start it, or fix tracking.uri "
+                "(or MEDRECON_TRACKING_URI)"
+            )
+    elif uri.startswith("sqlite:///"):
+        why = _writable_dir(os.path.dirname(uri[len("sqlite:///") :]) or ".")
+        if why:
+            raise PreflightError(f"MLflow database {shown} cannot be created: {why}; fix tracking.uri")
+    elif uri.startswith("file:") or "://" not in uri:
+        why = _writable_dir(uri.removeprefix("file://").removeprefix("file:"))
+        if why:
+            raise PreflightError(f"MLflow folder {shown} cannot be written: {why}; fix tracking.uri")
+
+
+def _with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    """``(finished, result or exception)`` of ``fn()`` run in a thread for at most ``timeout`` seconds."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(fn)
+    try:
+        return True, future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return False, None
+    except Exception as exc:  # the storage's own error, reported below
+        return True, exc
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_storage(
+    path: str, storage_options: dict[str, Any], *, creates: bool, timeout: float = 10.0
+) -> None:
+    """Refuse an archive that is missing (and not created by this pipeline), a file, or unreachable."""
+    import fsspec
+
+    shown = redact_uri(path)
+    finished, result = _with_timeout(lambda: fsspec.core.url_to_fs(path, **storage_options), timeout)
+    if not finished or isinstance(result, Exception):
+        raise PreflightError(
+            f"archive storage {shown} is not reachable ({result or f'no answer in {timeout:.0f} s'})"
+        )
+    fs, root = result
+    finished, found = _with_timeout(lambda: (fs.exists(f"{root}/zarr.json"), fs.isfile(root)), timeout)
+    if not finished:
+        raise PreflightError(f"archive storage {shown} is not reachable (no answer within {timeout:.0f} s)")
+    if isinstance(found, Exception):
+        raise PreflightError(f"archive storage {shown} is not reachable ({type(found).__name__}: {found})")
+    exists, is_file = found
+    if is_file:
+        raise PreflightError(f"archive path {shown} is a file; expected a directory holding a Zarr archive")
+    if not exists and not creates:
+        raise PreflightError(
+            f"archive {shown} not found (no zarr.json there); run a pipeline with a phantoms stage first, "
+            "or check the path"
+        )
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        why = _writable_dir(root)
+        if why:
+            raise PreflightError(f"archive {shown} cannot be written: {why}")
+
+
+def archive_shape(archive: Any) -> tuple[int, int, int] | None:
+    """The largest scan shape in an archive's catalog (None without a catalog), for memory estimates."""
+    from pipelines.errors import ArchiveError
+
+    try:
+        rows = archive.catalog()
+    except ArchiveError:
+        return None
+    shapes = [tuple(r.shape) for r in rows if len(r.shape) == 3]
+    return max(shapes, key=math.prod) if shapes else None  # type: ignore[return-value]
