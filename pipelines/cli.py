@@ -27,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+# Piped to a file or a CI log there is no terminal width; 100 columns keeps the results table whole.
+console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS") or 100))
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable in logs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
@@ -292,8 +293,11 @@ def show(
         _fail(exc, debug, EXIT_FAILED)
         return
     table = Table(title=f"{a.uri}: {len(rows)} scans")
-    for col in ("scan_id", "split", "shape", *units):
-        table.add_column(col)
+    table.add_column("scan_id", no_wrap=True)
+    table.add_column("split")
+    table.add_column("shape", no_wrap=True)
+    for unit in units:  # recon/<key> shows as <key>; headers fold rather than cut
+        table.add_column(unit.removeprefix("recon/"), overflow="fold", justify="center")
 
     def mark(unit: str, scan: str) -> str:
         if scan in quarantined[unit]:

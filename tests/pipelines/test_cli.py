@@ -1,24 +1,8 @@
 """The command line: exit codes and one-line errors without tracebacks."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def medrecon(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+from tests.pipelines.helpers import ROOT, medrecon
 
 
 def test_help_explains_the_commands():

@@ -22,11 +22,10 @@ import zarr
 from mlflow.tracking import MlflowClient
 
 from pipelines.store import Archive
-from tests.pipelines.test_reprocess import build, stage_row, wait_for
+from tests.pipelines.helpers import archive_with_model, medrecon, stage_row, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "SUPERSECRET123"
 
 
@@ -52,20 +51,6 @@ def tiny(root: Path, **changes) -> Path:
     path = root / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def medrecon(*args: str, tmp: Path, ray=None, wait: bool = True, env: dict | None = None):
-    environ = {**os.environ, "TMPDIR": str(tmp), "COLUMNS": "200", **(env or {})}
-    if ray is not None:
-        environ["MEDRECON_RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    else:
-        environ.pop("MEDRECON_RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
-    if not wait:
-        return subprocess.Popen(
-            cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    return subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=400)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +170,7 @@ def test_a_nan_in_an_image_is_quarantined_and_never_reaches_the_table(contested,
 
 
 def test_a_deleted_chunk_is_named_exits_3_and_the_other_scans_are_untouched(ray_session, tmp_path):
-    archive, _ = build(tmp_path)
+    archive, _ = archive_with_model(tmp_path)
     clean = medrecon("reprocess", archive.uri, "--method", "zero_filled", tmp=tmp_path, ray=ray_session)
     assert clean.returncode == 0, clean.stderr[-3000:]
     reference = {s: archive.read_array(s, "recon/zero_filled").tobytes() for s in archive.scans("all")}
