@@ -6,7 +6,9 @@ Never imports ray, mlflow or zarr (tests/test_layers.py checks). Modules:
 - ``fft``, ``mri``, ``masks``, ``noise``: Cartesian MRI, single- and multi-coil
 - ``ct``: parallel- and fan-beam projectors with exact adjoints, FBP
 - ``solvers``, ``regularizers``, ``recon``: classical reconstruction by name
-- ``phantoms``, ``metrics``: seeded test volumes, PSNR / SSIM / NMSE
+- ``phantoms``, ``brain``, ``metrics``: seeded test volumes (random ellipsoids, brain-like heads),
+  PSNR / SSIM / NMSE
+- ``stability``: the worst-case perturbation audit of any reconstruction map (Antun et al.)
 """
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "regularizers",
     "recon",
     "phantoms",
+    "brain",
     "metrics",
+    "stability",
     "errors",
 ]

@@ -356,6 +356,17 @@ class SENSE(LinearOperator):
         _check_spatial("SENSE.with_mask", mask, self.in_shape, "operator's image shape")
         return SENSE(mask, self.coil_maps, self.ndim)
 
+    def with_maps(self, coil_maps: torch.Tensor) -> SENSE:
+        """The same mask with other coil maps ``(*batch, C, *spatial)`` (same image shape; any coil count)."""
+        maps = _as_maps(coil_maps, self.ndim, "SENSE.with_maps")
+        spatial = tuple(maps.shape[maps.ndim - self.ndim :])
+        if spatial != self.in_shape:
+            raise ShapeError(
+                f"SENSE.with_maps: coil_maps of shape {tuple(maps.shape)} must end with the operator's "
+                f"image shape {self.in_shape} (shape (*batch, C, *spatial))"
+            )
+        return SENSE(self.mask, maps, self.ndim)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight is None:
             return self.op._forward(x)

@@ -35,6 +35,15 @@ weights (CT about 10x smaller for ``cs_tv`` and ``cs_wavelet``); noisier data la
 (:class:`~operators.regularizers.WaveletL1` with ``shifts=2``): on piecewise-constant images
 this gains 10 dB and more over the plain decimated transform, for 4 transforms per iteration.
 
+Every method takes any image size. The periodic wavelet transform needs ``H`` and ``W``
+divisible by ``2^levels``, so where an image side is odd (or the requested ``wavelet_levels``
+do not divide it) ``cs_wavelet`` solves on a zero-extended image ``(Hp, Wp)``, the next
+multiples of ``2^levels``: it minimises ``½‖A C x - y‖² + λ‖W x‖₁`` over ``x`` of shape
+``(Hp, Wp)``, with :class:`Crop` ``C x = x[..., :H, :W]`` (adjoint: zero padding), and
+returns ``C x``. The extension rows and columns are seen only by the penalty, which fills them
+smoothly (they also bridge the periodic wrap of the transform). Sizes that need no padding
+are solved exactly as before.
+
 Example:
     >>> import torch
     >>> from operators.linear import Identity
@@ -45,7 +54,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +64,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from operators.errors import ParameterError
 from operators.linear import LinearOperator
@@ -66,7 +78,7 @@ from operators.regularizers import (
 )
 from operators.solvers import FISTA, PDHG, ConjugateGradient, SolveResult, solve
 
-__all__ = ["METHODS", "Method", "ReconResult", "reconstruct"]
+__all__ = ["METHODS", "Method", "ReconResult", "reconstruct", "Crop"]
 
 Tensor = torch.Tensor
 
@@ -164,16 +176,93 @@ def _cg_sense(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
     return solve(cg, cg.init(op.adjoint(y)), max_iter=o.max_iter, tol=o.tol, progress=o.progress)
 
 
-def _wavelet_levels(shape: tuple[int, ...], requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    levels = min(_AUTO_WAVELET_LEVELS, max_wavelet_levels((shape[-2], shape[-1])))
-    if levels < 1:
+class Crop(LinearOperator):
+    """Keep the leading corner of the trailing axes: ``C x = x[..., :n_1, ..., :n_k]``.
+
+    Model: ``C: (..., *padded_shape) -> (..., *shape)`` keeps the first ``shape[i]`` entries of
+    each trailing axis; its adjoint zero-pads at the end of each axis, ``Cᴴ y = [y, 0]``. So
+    ``C Cᴴ = I`` and ``Cᴴ C`` zeroes the extension: ``‖C‖ = 1`` and ``‖A C‖ = ‖A‖``. It lets a
+    solver work on a larger image than the data term sees (``op @ Crop(...)``, see ``cs_wavelet``).
+
+    Args:
+        padded_shape: trailing shape of the input, e.g. ``(Hp, Wp)``.
+        shape: trailing shape of the output, as many axes, ``shape[i] <= padded_shape[i]``.
+        complex_data: the operator acts on complex arrays (MRI images).
+
+    Example:
+        >>> C = Crop((4, 4), (3, 2))
+        >>> C.forward(torch.ones(4, 4)).shape, C.adjoint(torch.ones(3, 2)).sum().item()
+        (torch.Size([3, 2]), 6.0)
+    """
+
+    def __init__(
+        self, padded_shape: tuple[int, ...], shape: tuple[int, ...], *, complex_data: bool = False
+    ) -> None:
+        padded_shape = tuple(int(s) for s in padded_shape)
+        shape = tuple(int(s) for s in shape)
+        if len(padded_shape) != len(shape) or any(
+            not 1 <= s <= p for s, p in zip(shape, padded_shape, strict=True)
+        ):
+            raise ParameterError(
+                f"Crop: shape must have as many axes as padded_shape, each 1 <= shape[i] <= "
+                f"padded_shape[i]; found shape {shape} for padded_shape {padded_shape}"
+            )
+        super().__init__(padded_shape, shape, complex_in=complex_data, complex_out=complex_data)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.out_shape)
+        for axis, size in zip(range(-n, 0), self.out_shape, strict=True):
+            x = x.narrow(axis, 0, size)  # (..., size, ...)
+        return x
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        pad: list[int] = []
+        for size, padded in zip(reversed(self.out_shape), reversed(self.in_shape), strict=True):
+            pad += [0, padded - size]  # F.pad lists the last axis first
+        return F.pad(y, pad)  # (..., *padded_shape)
+
+    def norm(self, n_iter: int = 30, seed: int = 0, dtype: torch.dtype = torch.float64) -> float:
+        """Exactly 1 (arguments are ignored)."""
+        return 1.0
+
+    def __repr__(self) -> str:
+        return f"Crop(padded_shape={self.in_shape}, shape={self.out_shape})"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _wavelet_grid(shape: tuple[int, ...], requested: int | None) -> tuple[int, tuple[int, int]]:
+    """Wavelet levels and the ``(H, W)`` the transform runs on (padded only where needed).
+
+    Automatic levels are ``min(4, max_wavelet_levels(H, W))``; an image with an odd side is
+    first padded to multiples of ``2^min(4, floor(log2(min(H, W))))`` and its levels are then
+    chosen the same way from the padded size. Requested levels pad to multiples of
+    ``2^levels`` when they do not divide ``H`` and ``W``.
+    """
+    h, w = shape[-2], shape[-1]
+    if min(h, w) < 2:
         raise ParameterError(
-            f"method 'cs_wavelet' needs an image of even height and width for a periodic wavelet "
-            f"transform; found image shape {shape}. Crop or pad to even sizes, or use 'cs_tv'"
+            f"method 'cs_wavelet' needs an image of at least 2 x 2 pixels for a wavelet transform; "
+            f"found image shape {shape}. Use 'cs_tv' or 'cg_sense'"
         )
-    return levels
+    most = min(h, w).bit_length() - 1  # the largest 2^most <= min(H, W)
+    if requested is None:
+        levels = min(_AUTO_WAVELET_LEVELS, max_wavelet_levels((h, w)))
+        if levels >= 1:
+            return levels, (h, w)
+        multiple = 2 ** min(_AUTO_WAVELET_LEVELS, most)
+        grid = (_round_up(h, multiple), _round_up(w, multiple))
+        return min(_AUTO_WAVELET_LEVELS, max_wavelet_levels(grid)), grid
+    integral = isinstance(requested, numbers.Integral) and not isinstance(requested, bool)
+    if not integral or not 1 <= requested <= most:
+        raise ParameterError(
+            f"wavelet_levels must be an int from 1 to {most} (2^levels <= min(H, W)) for image shape "
+            f"{shape}, or None to choose automatically; found {requested!r}"
+        )
+    levels, multiple = int(requested), 2 ** int(requested)
+    return levels, (_round_up(h, multiple), _round_up(w, multiple))
 
 
 def _cs_wavelet(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
@@ -182,15 +271,23 @@ def _cs_wavelet(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
             "method 'cs_wavelet' needs images with at least 2 dimensions (H, W); "
             f"found op.in_shape {op.in_shape}"
         )
-    levels = _wavelet_levels(op.in_shape, o.wavelet_levels)
+    levels, grid = _wavelet_grid(op.in_shape, o.wavelet_levels)
     n = len(op.in_shape)
+    extra = op.in_shape[:-2]  # image axes before (H, W) are batch axes of the 2D transform
+    padded = (*extra, *grid)
+    # Odd sizes: solve for a zero-extended image x (*batch, *padded); the data term sees C x.
+    crop = Crop(padded, op.in_shape, complex_data=op.complex_in) if padded != op.in_shape else None
+    solver_op = op if crop is None else op @ crop
     aty = op.adjoint(y)  # (*batch, *in_shape)
     lam = o.lam * _max_abs_per_item(aty, n)  # (*batch)
-    extra = op.in_shape[:-2]  # image axes before (H, W) are batch axes of the 2D transform
-    lam = lam.reshape(tuple(lam.shape) + (1,) * len(extra)).expand(*lam.shape, *extra)  # (*batch, *extra)
-    transform = Wavelet2D(op.in_shape[-2:], levels, o.wavelet, complex_data=op.complex_in)
-    fista = FISTA(op, y, WaveletL1(transform, lam, shifts=o.wavelet_shifts))
-    return solve(fista, fista.init(), max_iter=o.max_iter, tol=o.tol, progress=o.progress)
+    batch = tuple(lam.shape)
+    lam = lam.reshape(batch + (1,) * len(extra)).expand(batch + extra)  # (*batch, *extra)
+    transform = Wavelet2D(grid, levels, o.wavelet, complex_data=op.complex_in)
+    fista = FISTA(solver_op, y, WaveletL1(transform, lam, shifts=o.wavelet_shifts))
+    result = solve(fista, fista.init(), max_iter=o.max_iter, tol=o.tol, progress=o.progress)
+    if crop is None:
+        return result
+    return dataclasses.replace(result, x=crop.forward(result.x).contiguous())  # (*batch, *in_shape)
 
 
 def _cs_tv(y: Tensor, op: LinearOperator, o: _Options) -> SolveResult[Any]:
@@ -250,15 +347,17 @@ def reconstruct(
         max_iter: iteration cap; default: the method's (ignored by direct methods).
         tol: tolerance on the solver's relative residual; default: the method's.
         wavelet: ``"haar"`` or ``"db4"`` (``cs_wavelet``).
-        wavelet_levels: decomposition levels (``cs_wavelet``); default
-            ``min(4, max_wavelet_levels(H, W))``.
+        wavelet_levels: decomposition levels (``cs_wavelet``), ``2^levels <= min(H, W)``; default
+            ``min(4, max_wavelet_levels(H, W))``, of the padded size for an odd side (module
+            docstring). Levels that do not divide ``H`` and ``W`` pad the image internally.
         wavelet_shifts: cycle spinning, shifts per axis (``cs_wavelet``; 1 = none).
         fbp_filter: ramp, shepp-logan, cosine or hann (``fbp``).
-        progress: ``progress(iteration, state)`` after each solver step.
+        progress: ``progress(iteration, state)`` after each solver step (for a padded
+            ``cs_wavelet`` solve, ``state.x`` is the padded image).
 
     Raises:
         ParameterError: an unknown method name, an out-of-range option, or a method that does
-            not apply to ``op`` (``fbp`` on MRI).
+            not apply to ``op`` (``fbp`` on MRI, ``cs_wavelet`` on an image under 2 x 2).
     """
     if method not in METHODS:
         raise ParameterError(f"method must be one of {sorted(METHODS)}; found {method!r}")
