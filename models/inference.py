@@ -8,7 +8,20 @@ from torch import nn
 
 from operators.linear import LinearOperator
 
-__all__ = ["reconstruct_slices"]
+__all__ = ["apply_slices", "reconstruct_slices"]
+
+
+@torch.no_grad()
+def apply_slices(
+    model: nn.Module, y: torch.Tensor, op: LinearOperator, batch: int = 8, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """``model(y, op)`` on a stack of slices ``(S, *op.out_shape)``, ``batch`` at a time; on the CPU.
+
+    Returns the model's own output ``(S, *op.in_shape)``: complex for MRI operators, real for CT.
+    """
+    op = op.to(device) if torch.device(device).type != "cpu" else op
+    parts = [model(y[start : start + batch].to(device), op).cpu() for start in range(0, y.shape[0], batch)]
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -27,9 +40,4 @@ def reconstruct_slices(
     Returns:
         float32 ``(S, *op.in_shape)`` on the CPU: ``|x|``, as every reconstruction is stored.
     """
-    op = op.to(device) if torch.device(device).type != "cpu" else op
-    out = [
-        model(y[start : start + batch].to(device), op).abs().float().cpu().numpy()
-        for start in range(0, y.shape[0], batch)
-    ]
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return apply_slices(model, y, op, batch, device).abs().float().numpy()

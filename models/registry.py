@@ -25,7 +25,11 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.modl import MoDL, MoDLConfig
+from models.neumann import NeumannConfig, NeumannNet
+from models.post import UNetPost, UNetPostConfig
 from models.unrolled import GDNetConfig, GradientDescentNet
+from models.varnet import VarNet, VarNetConfig
 
 __all__ = ["MODELS", "build_model", "save_model", "load_model", "ModelError"]
 
@@ -38,9 +42,29 @@ def _gd_net(**kwargs: Any) -> nn.Module:
     return GradientDescentNet(GDNetConfig(**kwargs))
 
 
-#: Registry name -> constructor taking keyword arguments.
+def _neumann(**kwargs: Any) -> nn.Module:
+    return NeumannNet(NeumannConfig(**kwargs))
+
+
+def _modl(**kwargs: Any) -> nn.Module:
+    return MoDL(MoDLConfig(**kwargs))
+
+
+def _unet_post(**kwargs: Any) -> nn.Module:
+    return UNetPost(UNetPostConfig(**kwargs))
+
+
+def _varnet(**kwargs: Any) -> nn.Module:
+    return VarNet(VarNetConfig(**kwargs))
+
+
+#: Registry name -> constructor taking keyword arguments (the fields of the model's config dataclass).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unrolled_gd": _gd_net,
+    "neumann": _neumann,
+    "modl": _modl,
+    "unet_post": _unet_post,
+    "varnet": _varnet,
 }
 
 SPEC_FILE = "model.json"

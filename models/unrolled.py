@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from models.blocks import AsChannels, conv_stack
 from operators.linear import LinearOperator
 
 __all__ = ["GDNetConfig", "GradientDescentNet", "ConvRegularizer"]
@@ -46,8 +47,10 @@ __all__ = ["GDNetConfig", "GradientDescentNet", "ConvRegularizer"]
 NORM_ITERATIONS = 10
 
 
-class ConvRegularizer(nn.Module):
-    """A small residual CNN on images ``(B, H, W)``, complex or real, seen as two real channels.
+class ConvRegularizer(AsChannels):
+    """A small residual CNN on 2D images ``(B, H, W)``, complex or real, seen as two real channels.
+
+    :func:`models.blocks.image_cnn` in 2D (the same layers, so saved weights keep loading).
 
     Args:
         features: channels of the hidden layers.
@@ -58,35 +61,7 @@ class ConvRegularizer(nn.Module):
     def __init__(
         self, features: int = 32, depth: int = 3, norm_layer: Callable[[int], nn.Module] | None = None
     ) -> None:
-        super().__init__()
-        if depth < 2:
-            raise ValueError(f"ConvRegularizer: depth must be >= 2; found {depth}")
-        layers: list[nn.Module] = []
-        ch = 2
-        for _ in range(depth - 1):
-            layers.append(nn.Conv2d(ch, features, 3, padding=1))
-            if norm_layer is not None:
-                layers.append(norm_layer(features))
-            layers.append(nn.LeakyReLU(0.1))
-            ch = features
-        layers.append(nn.Conv2d(ch, 2, 3, padding=1))
-        self.net = nn.Sequential(*layers)
-        nn.init.zeros_(self.net[-1].weight)  # start as the identity map: pure gradient descent
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(..., H, W)`` complex or real -> the same shape and dtype."""
-        lead, plane = x.shape[:-2], x.shape[-2:]
-        flat = x.reshape(-1, *plane)  # (N, H, W)
-        if x.is_complex():
-            z = torch.view_as_real(flat).permute(0, 3, 1, 2)  # (N, 2, H, W)
-        else:
-            z = torch.stack([flat, torch.zeros_like(flat)], dim=1)  # (N, 2, H, W): x + 0i
-        out = self.net(z)  # (N, 2, H, W)
-        if not x.is_complex():
-            return out[:, 0].reshape(*lead, *plane)  # the real part
-        out = out.permute(0, 2, 3, 1).contiguous()  # (N, H, W, 2)
-        return torch.view_as_complex(out).reshape(*lead, *plane)
+        super().__init__(conv_stack(2, 2, features, depth, 2, norm_layer), spatial_dims=2)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Pipeline-spec validation and its error messages."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_unknown_model_kwarg_and_method_list_the_choices(tmp_path, raw):
     raw["stages"][3]["methods"] = ["zero_filled", "magic"]
     with pytest.raises(SpecError) as info:
         load_spec(_write(tmp_path, raw))
-    assert "unknown model 'resnet9000'; expected one of ['unrolled_gd']" in str(info.value)
+    assert re.search(r"unknown model 'resnet9000'; expected one of \[.*'unrolled_gd'.*\]", str(info.value))
     assert "unknown method 'magic'; expected a classical method (zero_filled, fbp" in str(info.value)
     raw = yaml.safe_load(QUICKSTART.read_text())
     raw["stages"][2]["model"]["kwargs"]["bogus"] = 3

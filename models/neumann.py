@@ -1,0 +1,115 @@
+"""Neumann networks (Gilton, Ongie & Willett 2019): a learned, truncated Neumann series.
+
+For the regularised normal equations ``(AᴴA + R) x = Aᴴ y`` the Neumann series of
+``(η AᴴA + η R)⁻¹`` gives::
+
+    x = Σ_{k=0..K} (I − η AᴴA − η R)^k (η Aᴴ y)
+
+computed term by term, with a learned CNN ``R`` shared by all terms::
+
+    B⁰ = η Aᴴ y,    Bᵏ = Bᵏ⁻¹ − η AᴴA Bᵏ⁻¹ − η R(Bᵏ⁻¹),    x = Σ_k Bᵏ.
+
+The network runs the series for the normalised operator ``A / ‖A‖`` (the same solution), so
+the step is ``η = η̃ / ‖A‖²`` for the data terms with a learned ``η̃`` initialised at
+``eta_init = 1`` (``η ‖A‖² = 1``: safe for any operator), and ``R`` acts in units where
+``‖A‖ = 1``. ``R`` starts at zero, so an untrained network is the truncated Neumann series
+of ``(AᴴA)⁺``, i.e. Landweber iteration from zero. Only ``op.adjoint`` and ``op.normal`` are
+used; ``‖A‖`` comes from ``op.norm()`` (memoised per operator).
+
+Inputs are scaled by ``max |Aᴴy| / ‖A‖²`` per item and the output rescaled, so the network is
+scale invariant.
+
+Example:
+    >>> import torch
+    >>> from operators.mri import CartesianMRI
+    >>> net = NeumannNet(NeumannConfig(n_blocks=2, features=8))
+    >>> op = CartesianMRI(torch.rand(16, 16) > 0.5)
+    >>> net(torch.randn(3, 16, 16, dtype=torch.complex64), op).shape
+    torch.Size([3, 16, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from models.blocks import check_image_rank, check_spatial_dims, image_cnn, item_scale
+from models.unrolled import NORM_ITERATIONS
+from operators.linear import LinearOperator
+
+__all__ = ["NeumannConfig", "NeumannNet"]
+
+
+@dataclass(frozen=True)
+class NeumannConfig:
+    """Configuration of :class:`NeumannNet`.
+
+    Attributes:
+        n_blocks: ``K``, the highest power in the series (``K + 1`` terms).
+        features: hidden channels of the regulariser CNN.
+        depth: convolutions of the regulariser CNN (>= 2).
+        spatial_dims: 2 (a 2D CNN per slice) or 3 (a 3D CNN on the last three image dims
+            ``(D, H, W)``, e.g. for ``CartesianMRI(mask, ndim=3)``).
+        eta_init: initial ``η̃ = η ‖A‖²`` (learned).
+    """
+
+    n_blocks: int = 6
+    features: int = 32
+    depth: int = 3
+    spatial_dims: int = 2
+    eta_init: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.n_blocks < 0:
+            raise ValueError(f"NeumannConfig.n_blocks must be >= 0; found {self.n_blocks}")
+        if self.features < 1:
+            raise ValueError(f"NeumannConfig.features must be >= 1; found {self.features}")
+        if self.depth < 2:
+            raise ValueError(f"NeumannConfig.depth must be >= 2; found {self.depth}")
+        check_spatial_dims(self.spatial_dims, "NeumannConfig")
+
+
+class NeumannNet(nn.Module):
+    """A Neumann network (see the module docstring).
+
+    Args:
+        config: the configuration (defaults when None).
+        regularizer: the learned map ``R`` on images ``(..., *spatial)``, real or complex;
+            default a zero-initialised CNN of ``config.features`` and ``config.depth``.
+    """
+
+    def __init__(self, config: NeumannConfig | None = None, regularizer: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config or NeumannConfig()
+        c = self.config
+        self.regularizer = (
+            regularizer if regularizer is not None else image_cnn(c.features, c.depth, c.spatial_dims)
+        )
+        self.eta = nn.Parameter(torch.tensor(float(c.eta_init)))
+
+    def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+        """Reconstruct.
+
+        Args:
+            y: measurements ``(B, *op.out_shape)``: complex k-space or a real sinogram.
+            op: the forward operator.
+
+        Returns:
+            images ``(B, *op.in_shape)``: complex for MRI operators, real for CT.
+        """
+        check_image_rank(op, self.config.spatial_dims, "NeumannNet")
+        lipschitz = op.norm(n_iter=NORM_ITERATIONS) ** 2  # ‖A‖²
+        aty = op.adjoint(y) / lipschitz  # Âᴴŷ = Aᴴy / ‖A‖², (B, *in_shape)
+        scale = item_scale(aty, len(op.in_shape))  # (B, 1, ..., 1)
+        term = self.eta * (aty / scale)  # B⁰
+        total = term
+        for _ in range(self.config.n_blocks):
+            term = term - self.eta * (op.normal(term) / lipschitz + self.regularizer(term))  # Bᵏ
+            total = total + term
+        return total * scale
+
+    def config_dict(self) -> dict:
+        """Keyword arguments that rebuild this network through the registry."""
+        return asdict(self.config)
