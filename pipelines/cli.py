@@ -27,8 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Piped to a file or a CI log there is no terminal width; 100 columns keeps the results table whole.
-console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS") or 100))
+# Piped to a file or a CI log there is no terminal width; 120 columns keeps the results table whole.
+console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS") or 120))
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable in logs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
@@ -61,17 +61,33 @@ _COLUMN_TITLES = {
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
     "nmse": "NMSE",
-    "recon_s": "s/scan",
-    "iterations": "iters/slab",
-    "converged": "converged",
+    "s_per_slice": "s/slice",
+    "iterations": "iters",
+    "converged": "conv.",
+    "dc_residual": "‖Ax−y‖/‖y‖",
+    "amplification": "amp.",
+    "lam": "λ",
+}
+_FORMATS = {
+    "psnr": "{:.2f}",
+    "ssim": "{:.3f}",
+    "nmse": "{:.4f}",
+    "s_per_slice": "{:.4f}",
+    "iterations": "{:.0f}",
+    "converged": "{:.0%}",
+    "dc_residual": "{:.3f}",
+    "amplification": "{:.2f}",
+    "lam": "{:.3g}",
 }
 
 
-def _format_metric(name: str, value: float | None) -> str:
+def _format_metric(name: str, values: dict[str, float]) -> str:
+    value = values.get(name)
     if value is None:
         return "-"
-    formats = {"psnr": f"{value:.2f}", "recon_s": f"{value:.3f}", "iterations": f"{value:.1f}"}
-    return formats.get(name, f"{value:.0%}" if name == "converged" else f"{value:.4f}")
+    text = _FORMATS.get(name, "{:.4f}").format(value)
+    std = values.get(f"{name}_std") if name == "psnr" else None  # the other spreads are in MLflow
+    return text if std is None else f"{text} ± {std:.2f}"
 
 
 def _fail(exc: BaseException, debug: bool, code: int) -> None:
@@ -154,14 +170,14 @@ def _print_results(result: Any) -> None:
     labels = evaluation.get("labels", {})
     table = Table(title=f"Results ({evaluation.get('n_scans', 0)} scans)")
     found = {k for d in result.metrics.values() for k in d}
-    names = [n for n in _COLUMN_TITLES if n in found] + sorted(found - set(_COLUMN_TITLES))
+    names = [n for n in _COLUMN_TITLES if n in found]  # the rest (recon_s, *_std) is in MLflow
     table.add_column("method", no_wrap=True)
     for n in names:
         table.add_column(_COLUMN_TITLES.get(n, n), justify="right")
     order = [k for k in evaluation.get("methods", []) if k in result.metrics]
     order += [k for k in result.metrics if k not in order]
     for key in order:
-        table.add_row(key, *(_format_metric(n, result.metrics[key].get(n)) for n in names))
+        table.add_row(key, *(_format_metric(n, result.metrics[key]) for n in names))
     console.print(table)
     for key in order:
         if labels.get(key, key) != key:

@@ -30,9 +30,13 @@ __all__ = ["score_scan", "aggregate", "comparison_figure", "run"]
 _METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
-#: Cost columns copied from the recon stage's commit record beside the metrics; ``converged`` is
-#: 1 when every slab met its tolerance (so its mean is the fraction of scans that converged).
-COSTS = ("recon_s", "iterations", "converged")
+#: Columns copied from each method's recon commit record beside the metrics: wall seconds per scan
+#: and per slice, iterations per slab, ``converged`` (1 when every slab met its tolerance, so its mean
+#: is the fraction of scans that converged), the data-consistency residual ``‖A x̂ − y‖ / ‖y‖``, and
+#: the regularisation weight a tuned method used.
+COSTS = ("recon_s", "s_per_slice", "iterations", "converged", "dc_residual", "lam")
+#: Metrics whose spread over scans is reported too (``<metric>_std``).
+SPREAD = ("psnr", "ssim", "nmse")
 
 
 def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: list[str]) -> dict[str, Any]:
@@ -65,13 +69,17 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
 
 
 def aggregate(per_scan: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean of each metric per method over scans: ``{method: {metric: mean}}``."""
+    """Per method over scans: the mean of each value, and ``<metric>_std`` for :data:`SPREAD`."""
     out: dict[str, dict[str, list[float]]] = {}
     for scores in per_scan.values():
         for method, values in scores.items():
             for metric, v in values.items():
                 out.setdefault(method, {}).setdefault(metric, []).append(v)
-    return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in out.items()}
+    means: dict[str, dict[str, float]] = {}
+    for method, d in out.items():
+        means[method] = {k: float(np.mean(v)) for k, v in d.items()}
+        means[method] |= {f"{k}_std": float(np.std(v)) for k, v in d.items() if k in SPREAD}
+    return means
 
 
 def comparison_figure(
@@ -146,6 +154,17 @@ def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResul
     )
     per_scan = {o.scan_id: (o.info or {})["scores"] for o in outcomes if o.status != "failed"}
     means = aggregate(per_scan)
+    if stage.stability is not None and per_scan:
+        from pipelines.audit import audit_methods
+
+        resolved = {k: v for out in recons for k, v in out.get("resolved", {}).items() if k in methods}
+        first = sorted(per_scan)[0]
+        ctx.console.print(
+            f"stability audit of {len(resolved)} method(s) on {first} (ε = {stage.stability.eps})"
+        )
+        audit = audit_methods(ctx.archive, first, list(resolved.values()), stage.stability, ctx.tracking_uri)
+        for key, values in audit.items():
+            means.setdefault(key, {}).update(values)
     ctx.tracker.log_metrics({f"{m}/{k}": v for m, d in means.items() for k, v in d.items()})
     with tempfile.TemporaryDirectory() as tmp:
         rows = [

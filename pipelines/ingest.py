@@ -32,9 +32,15 @@ def assign_splits(scan_ids: list[str], stage: PhantomStage, seed: int) -> dict[s
 
 
 def write_phantom(archive: Archive, scan_id: str, *, stage: PhantomStage, seed: int) -> dict[str, Any]:
-    """Generate one seeded phantom and write its image and labels."""
-    phantom = random_ellipsoids(stage.shape, seed=scan_seed(seed, scan_id, "phantom"))
-    attrs = {"spacing": list(stage.spacing), "modality": "mri", "source": "phantom:random_ellipsoids"}
+    """Generate one seeded phantom of the stage's kind and write its image and labels."""
+    scan = scan_seed(seed, scan_id, "phantom")
+    if stage.phantom == "brain":
+        from operators.brain import brain_phantom
+
+        phantom = brain_phantom(stage.shape, seed=scan)
+    else:
+        phantom = random_ellipsoids(stage.shape, seed=scan)
+    attrs = {"spacing": list(stage.spacing), "modality": "mri", "source": f"phantom:{stage.phantom}"}
     arrays = {
         "image": archive.write_array(scan_id, "image", phantom.image, attrs),
         "labels": archive.write_array(scan_id, "labels", phantom.labels, attrs),

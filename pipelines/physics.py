@@ -94,6 +94,7 @@ class Acquisition:
         columns: the stored k-space columns of a 1D Cartesian mask, else None (full k-space).
         ct: the CT settings (CT), else None.
         records: what the measurements' commit recorded of each array (read once; reads check it).
+        noise_sigma: the complex noise standard deviation the measurements were simulated with (MRI).
     """
 
     modality: str
@@ -105,6 +106,7 @@ class Acquisition:
     columns: np.ndarray | None = None
     ct: CTSpec | None = None
     records: dict[str, Any] = field(default_factory=dict)
+    noise_sigma: float = 0.0
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
@@ -138,7 +140,8 @@ class Acquisition:
         arr = archive.open_array(scan_id, name)
         attrs = arr.attrs.asdict()
         where = f"scans/{scan_id}/{name}"
-        records = (archive.commit_record(MEASUREMENTS, scan_id) or {}).get("arrays", {})
+        commit = archive.commit_record(MEASUREMENTS, scan_id) or {}
+        records = commit.get("arrays", {})
         h, w = (int(v) for v in attrs["image_shape"])
         if modality == "ct":
             ct = CTSpec.model_validate(attrs["ct"])
@@ -153,7 +156,18 @@ class Acquisition:
         if coils > 1:
             maps = torch.from_numpy(archive.reader(scan_id, "coil_maps", records.get("coil_maps")).read())
         columns = cls._stored_columns(attrs, arr.shape[-1], w, where)
-        return cls("mri", mri_operator(mask, maps), (h, w), coils, mask, maps, columns, records=records)
+        sigma = float(commit.get("noise_sigma") or 0.0)
+        return cls(
+            "mri",
+            mri_operator(mask, maps),
+            (h, w),
+            coils,
+            mask,
+            maps,
+            columns,
+            records=records,
+            noise_sigma=sigma,
+        )
 
     @staticmethod
     def _stored_columns(attrs: dict[str, Any], stored: int, width: int, where: str) -> np.ndarray | None:
@@ -172,6 +186,15 @@ class Acquisition:
                 f"{where}: stored with {stored} columns but its 'columns' attribute lists {cols.size}"
             )
         return cols
+
+    def with_mask(self, mask: torch.Tensor) -> Acquisition:
+        """The same MRI acquisition (coil maps, noise level) with another ``(H, W)`` mask, in memory."""
+        if self.modality != "mri":
+            raise StageError(f"a new sampling mask applies to MRI; this acquisition is {self.describe()}")
+        return Acquisition(
+            "mri", mri_operator(mask, self.maps), self.image_shape, self.coils, mask, self.maps,
+            sampled_columns(mask), noise_sigma=self.noise_sigma,
+        )  # fmt: skip
 
     def describe(self) -> str:
         """One line, for messages: modality, slice shape, coils or CT geometry."""

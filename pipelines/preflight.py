@@ -65,6 +65,14 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"  # pragma: no cover
 
 
+def _activation_floats(kwargs: dict[str, Any]) -> int:
+    """Floats a pixel of a batch keeps for backward: ~3 x unrolled steps x widest layer x depth."""
+    features = kwargs.get("features", 32)
+    width = max(features) if isinstance(features, (list, tuple)) else int(features)
+    steps = next((int(kwargs[k]) for k in ("n_iter", "n_blocks", "n_cascades") if k in kwargs), 5)
+    return 3 * steps * width * int(kwargs.get("depth", 3))
+
+
 def estimate_tasks(spec: PipelineSpec, shape: tuple[int, int, int] | None = None) -> list[TaskEstimate]:
     """The largest task of each stage whose size the spec (or ``shape``, from the catalog) determines."""
     phantoms = next(iter(spec.of_kind("phantoms")), None)
@@ -88,8 +96,7 @@ def estimate_tasks(spec: PipelineSpec, shape: tuple[int, int, int] | None = None
                 TaskEstimate(stage.name, need, f"a slab of {slab} slices of {h}x{w} with {coils} coil(s)")
             )
         elif stage.kind == "train":
-            kw = stage.model.kwargs
-            per_pixel = 3 * kw.get("n_iter", 5) * kw.get("features", 32) * kw.get("depth", 3) * 4
+            per_pixel = 4 * _activation_floats(stage.model.kwargs)
             need = 8 * (4 * voxels + d * meas_plane) + stage.batch_size * plane * per_pixel
             out.append(
                 TaskEstimate(stage.name, need, f"a worker: 8 cached scans and a batch of {stage.batch_size}")
@@ -229,3 +236,77 @@ def archive_shape(archive: Any) -> tuple[int, int, int] | None:
         return None
     shapes = [tuple(r.shape) for r in rows if len(r.shape) == 3]
     return max(shapes, key=math.prod) if shapes else None  # type: ignore[return-value]
+
+
+def check_models(spec: PipelineSpec, tracking_uri: str, archive: Any = None) -> None:
+    """Refuse model URIs that do not resolve, ``init_from`` of another architecture, and models that do
+    not fit the pipeline's operator, before Ray starts.
+
+    The operator is the one the spec simulates (phantoms' shape, simulate's settings) or, for a
+    pipeline without them, the first measured scan's. A model is tried on one zero slice of it.
+    """
+    from pipelines.errors import PipelineError, TrackingError
+    from pipelines.methods import resolve_model_uri
+
+    uris = [(s.name, r.target) for s in spec.of_kind("recon") for r in s.refs() if r.kind == "model"]
+    for stage in spec.of_kind("train"):
+        if stage.init_from:
+            uris.append((stage.name, stage.init_from))
+    if not uris:
+        return
+    from pipelines.tracking import load_model_uri
+
+    op = _pipeline_operator(spec, archive)
+    for name, uri in uris:
+        try:
+            _, exact, _ = resolve_model_uri(uri, tracking_uri)
+            model, model_spec = load_model_uri(exact, tracking_uri)
+        except (TrackingError, PipelineError) as exc:
+            raise PreflightError(f"stage {name!r}: {exc}") from None
+        train = spec.stage(name) if spec.stage(name).kind == "train" else None
+        if train is not None:
+            want = (train.model.name, train.model.kwargs)
+            found = (model_spec.get("name"), model_spec.get("kwargs", {}))
+            if want != found:
+                raise PreflightError(
+                    f"train stage {name!r}: init_from {uri} is a {found[0]} with {found[1]}; this stage "
+                    f"trains a {want[0]} with {want[1]}. Fine-tune a model of the same architecture"
+                )
+        elif op is not None:
+            _fits(model, model_spec, op, f"stage {name!r}: model {uri}")
+
+
+def _pipeline_operator(spec: PipelineSpec, archive: Any) -> Any:
+    from pipelines.physics import Acquisition
+    from pipelines.store import MEASUREMENTS
+
+    sim = next(iter(spec.of_kind("simulate")), None)
+    phantoms = next(iter(spec.of_kind("phantoms")), None)
+    if sim is not None and phantoms is not None:
+        return Acquisition.simulated(sim, 0, tuple(phantoms.shape[1:])).op
+    if archive is not None:
+        measured = sorted(archive.committed(MEASUREMENTS))
+        if measured:
+            return Acquisition.from_archive(archive, measured[0]).op
+    return None
+
+
+def _fits(model: Any, model_spec: dict[str, Any], op: Any, what: str) -> None:
+    """Run ``model`` on one zero slice of ``op``; a failure names the model and both shapes."""
+    import torch
+
+    dtype = torch.complex64 if op.complex_out else torch.float32
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *op.out_shape, dtype=dtype), op)
+    except Exception as exc:
+        raise PreflightError(
+            f"{what} ({model_spec.get('name')}) does not fit this pipeline's operator "
+            f"{type(op).__name__}: images {tuple(op.in_shape)}, measurements {tuple(op.out_shape)} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+        ) from None
+    if tuple(out.shape[1:]) != tuple(op.in_shape):
+        raise PreflightError(
+            f"{what} ({model_spec.get('name')}) returns images {tuple(out.shape[1:])}; this pipeline's "
+            f"operator {type(op).__name__} expects {tuple(op.in_shape)}"
+        )

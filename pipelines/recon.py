@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from models.inference import reconstruct_slices
+from models.inference import apply_slices
 from operators.linear import LinearOperator
 from operators.recon import METHODS, reconstruct
 from pipelines.context import StageContext, StageResult
@@ -35,6 +35,7 @@ from pipelines.methods import MethodRef, ResolvedMethod, resolve_model_uri
 from pipelines.physics import Acquisition
 from pipelines.spec import ReconStage, SolverOptions
 from pipelines.store import MEASUREMENTS, Archive, record_digest
+from pipelines.tuning import tune_methods
 
 __all__ = [
     "Reconstructor",
@@ -53,12 +54,17 @@ def recon_code_version() -> str:
 
 
 class SlabResult(NamedTuple):
-    """One method on one slab: the magnitude ``(s, H, W)`` and how the solver went."""
+    """One method on one slab: the reconstruction, its magnitude ``(s, H, W)``, and how the solver went."""
 
-    image: np.ndarray
+    raw: torch.Tensor  # the method's own output, complex (MRI) or real (CT), (s, H, W)
     iterations: int = 0
     residual: float | None = None  # final relative residual; None for direct methods
     converged: bool = True  # met the tolerance before the iteration cap
+
+    @property
+    def image(self) -> np.ndarray:
+        """The magnitude, float32, as it is stored."""
+        return self.raw.abs().numpy().astype(np.float32)
 
 
 def classical_slab(method: str, y: torch.Tensor, op: LinearOperator, options: dict[str, Any]) -> SlabResult:
@@ -71,7 +77,7 @@ def classical_slab(method: str, y: torch.Tensor, op: LinearOperator, options: di
     result = reconstruct(method, y, op, **options)
     iterative = result.iterations > 0 or METHODS[method].lam is not None
     return SlabResult(
-        result.image.abs().numpy().astype(np.float32),
+        result.image,
         int(result.iterations),
         float(result.residual) if iterative else None,
         bool(result.converged),
@@ -79,27 +85,38 @@ def classical_slab(method: str, y: torch.Tensor, op: LinearOperator, options: di
 
 
 class SolverLog:
-    """Per method of one scan: wall seconds, iterations per slab, the worst final residual, convergence."""
+    """Per method of one scan: wall seconds, iterations per slab, the worst final residual, convergence,
+    and the data-consistency residual ``‖A x̂ − y‖ / ‖y‖`` over the whole scan."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.slices = 0
         self.iterations: list[int] = []
         self.residual: float | None = None
         self.unconverged = 0
+        self.misfit = 0.0  # Σ ‖A x̂ − y‖² over slabs
+        self.signal = 0.0  # Σ ‖y‖²
 
-    def add(self, seconds: float, slab: SlabResult) -> None:
+    def add(self, seconds: float, slab: SlabResult, y: torch.Tensor, op: LinearOperator) -> None:
         self.seconds += seconds
+        self.slices += int(y.shape[0])
         self.iterations.append(slab.iterations)
         self.unconverged += not slab.converged
+        fitted = op.forward(slab.raw if op.complex_in else slab.raw.real)  # (s, *op.out_shape)
+        self.misfit += float(torch.linalg.vector_norm(fitted - y) ** 2)
+        self.signal += float(torch.linalg.vector_norm(y) ** 2)
         if slab.residual is not None and np.isfinite(slab.residual):
             r = slab.residual
             self.residual = r if self.residual is None else max(self.residual, r)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe: ``recon_s``, ``iterations`` (mean over slabs), ``iterations_max``, ``residual_max``,
-        ``converged`` (every slab met its tolerance) and ``slabs_at_cap``."""
+        ``converged`` (every slab met its tolerance), ``slabs_at_cap``, ``s_per_slice`` and
+        ``dc_residual``."""
         return {
             "recon_s": self.seconds,
+            "s_per_slice": self.seconds / max(self.slices, 1),
+            "dc_residual": float(np.sqrt(self.misfit / self.signal)) if self.signal > 0 else None,
             "iterations": float(np.mean(self.iterations)) if self.iterations else 0.0,
             "iterations_max": max(self.iterations, default=0),
             "residual_max": self.residual,
@@ -187,7 +204,7 @@ class Reconstructor:
 
     def _slab(self, method: ResolvedMethod, y: torch.Tensor, op: LinearOperator) -> SlabResult:
         if method.model_uri is not None:
-            return SlabResult(reconstruct_slices(self.models[method.model_uri], y, op, device=self.device))
+            return SlabResult(apply_slices(self.models[method.model_uri], y, op, device=self.device))
         return classical_slab(method.identity["method"], y, op, method.identity["options"])
 
     def reconstruct_scan(self, archive: Archive, scan_id: str, units: list[str]) -> dict[str, Any]:
@@ -225,13 +242,16 @@ class Reconstructor:
                 t0 = time.perf_counter()
                 try:
                     out = self._slab(method, y, acq.op)
-                    log.add(time.perf_counter() - t0, out)
+                    log.add(time.perf_counter() - t0, out, y, acq.op)
                     writer.write(z0, out.image)
                 except Exception as exc:  # this method fails on this scan; the others go on
                     results[unit] = exc
                     del active[unit]
         for unit, (method, writer, log) in active.items():
             solver = log.summary()
+            if method.model_uri is None and METHODS[method.key].lam is not None:  # the weight it used
+                lam = method.identity["options"].get("lam")
+                solver["lam"] = METHODS[method.key].lam if lam is None else lam
             writer.attrs.update({"solver": solver})
             results[unit] = {"arrays": {unit: writer.record()}, "solver": solver, "method": method.ref.text}
         return results
@@ -263,6 +283,7 @@ def run(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
         if isinstance(out, dict) and "model_uri" in out
     }
     methods = resolve_methods(stage.refs(), stage.options, ctx.tracking_uri, trained)
+    methods, tunings = tune_methods(ctx, methods, stage.tune_slices)
     code = recon_code_version()
     fingerprints = {m.key: m.fingerprint(ctx.data_fingerprint, code) for m in methods}
     measured = ctx.archive.committed(MEASUREMENTS)  # scans whose simulation failed have nothing to read
@@ -304,5 +325,7 @@ def run(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
         "methods": [m.key for m in methods],
         "labels": {m.key: m.ref.text for m in methods},
         "scans": ids,
+        "tuning": [asdict(t) for t in tunings],
+        "resolved": {m.key: asdict(m) for m in methods},
     }
     return summarise(outcomes, outputs, {f"recon/{key}": fp for key, fp in fingerprints.items()})

@@ -32,7 +32,7 @@ from pipelines.embedded import ensure_ray, ray_address
 from pipelines.errors import PipelineError
 from pipelines.fingerprint import code_version, combine, stage_fingerprint
 from pipelines.lease import ArchiveLease
-from pipelines.preflight import archive_shape, check_memory, check_storage, check_tracking
+from pipelines.preflight import archive_shape, check_memory, check_models, check_storage, check_tracking
 from pipelines.secrets import redact, redact_uri
 from pipelines.spec import STAGE_KINDS, PipelineSpec
 from pipelines.store import MEASUREMENTS, SOURCE, Archive, locate
@@ -190,6 +190,7 @@ def run_pipeline(
     archive = Archive(spec.archive.path, spec.archive.storage_options, create=creates)
     if embedded and not creates:
         check_memory(spec, _memory(), "this machine", archive_shape(archive))
+    check_models(spec, tracking_uri, archive)
 
     lease = ArchiveLease(
         archive.fs, archive._path("_meta", "lease.json"), owner=f"medrecon pipeline {spec.name}"

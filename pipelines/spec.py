@@ -56,9 +56,11 @@ __all__ = [
     "SimulateStage",
     "CTSpec",
     "ModelSpec",
+    "TrainMasks",
     "TrainStage",
     "SolverOptions",
     "ReconStage",
+    "StabilitySpec",
     "EvaluateStage",
     "StageKind",
     "STAGE_KINDS",
@@ -136,9 +138,15 @@ class StageSpec(Spec):
 
 
 class PhantomStage(StageSpec):
-    """Create seeded random-ellipsoid phantoms in the archive (the embedded data source)."""
+    """Create seeded phantoms in the archive (the embedded data source).
+
+    ``ellipsoids``: random ellipsoids, nearly piecewise constant (what total variation assumes);
+    ``brain``: procedural brain-like heads with tissue texture, folding and partial volume
+    (:mod:`operators.brain`), whose reconstruction behaves much more like real brain MRI.
+    """
 
     kind: Literal["phantoms"]
+    phantom: Literal["ellipsoids", "brain"] = "ellipsoids"
     n_scans: int = Field(ge=2)
     shape: tuple[int, int, int] = Field(description="(D, H, W) of each volume")
     split: SplitSpec
@@ -248,6 +256,26 @@ class ModelSpec(Spec):
         return self
 
 
+class TrainMasks(Spec):
+    """Undersampling masks drawn afresh for every training sample (MRI), from the scan's image.
+
+    Each sample is measured again with a new seeded mask (at one of ``accelerations``) and the
+    scan's noise level, so a model sees many sampling patterns instead of one per scan.
+    Validation keeps each scan's stored mask.
+    """
+
+    kind: MaskKind = "random_1d"
+    accelerations: list[float] = Field(default_factory=lambda: [4.0], min_length=1)
+    center_fraction: float = Field(default=0.08, ge=0.0, lt=1.0)
+
+    @field_validator("accelerations")
+    @classmethod
+    def _at_least_one(cls, v: list[float]) -> list[float]:
+        if any(a < 1 for a in v):
+            raise ValueError(f"every acceleration must be >= 1; found {v}")
+        return v
+
+
 class TrainStage(StageSpec):
     """Train a model with Ray Train on 2D slices streamed from the archive; register it in MLflow."""
 
@@ -258,7 +286,21 @@ class TrainStage(StageSpec):
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-3, gt=0)
-    loss: Literal["l1", "mse"] = "l1"
+    loss: Literal["l1", "mse", "ssim", "l1+ssim"] = "l1"
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    grad_clip: float | None = Field(default=None, gt=0, description="clip the gradient norm to this")
+    early_stopping: int | None = Field(
+        default=None, ge=1, description="stop after this many epochs without a better validation PSNR"
+    )
+    masks: TrainMasks | None = Field(
+        default=None, description="fresh masks per sample (MRI); null: the stored measurements"
+    )
+    init_from: str | None = Field(
+        default=None, description="fine-tune a registered model of this architecture: models:/NAME/VERSION"
+    )
+    amp: bool = Field(default=False, description="bf16 autocast on GPU workers (ignored on CPU)")
     threads_per_worker: int = Field(default=1, ge=1)
     register_as: str | None = Field(
         default=None, description="MLflow registered model name; default '<pipeline name>-<stage name>'"
@@ -274,12 +316,21 @@ class TrainStage(StageSpec):
             raise ValueError(f"must match [A-Za-z0-9._-]+, found {v!r}")
         return v
 
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_is_a_model(cls, v: str | None) -> str | None:
+        if v is not None and parse_method(v).kind != "model":
+            raise ValueError(f"expected a model URI (models:/NAME/VERSION, models:/NAME@ALIAS); found {v!r}")
+        return v
+
 
 class SolverOptions(Spec):
     """Options of one classical method (``operators.recon.reconstruct``); unset ones keep its defaults."""
 
-    lam: float | None = Field(
-        default=None, ge=0, description="regularisation weight, relative to the data's scale"
+    lam: float | list[float] | None = Field(
+        default=None,
+        description="regularisation weight, relative to the data's scale; a list is a grid, and the "
+        "recon stage picks the weight with the best mean PSNR on the validation split",
     )
     max_iter: int | None = Field(default=None, ge=1, description="iteration cap")
     tol: float | None = Field(default=None, ge=0, description="tolerance on the relative residual")
@@ -287,6 +338,23 @@ class SolverOptions(Spec):
     wavelet_levels: int | None = Field(default=None, ge=1)
     wavelet_shifts: int = Field(default=2, ge=1, description="cycle spinning: shifts per axis")
     fbp_filter: FilterName = "ramp"
+
+    @field_validator("lam")
+    @classmethod
+    def _lam(cls, v: float | list[float] | None) -> float | list[float] | None:
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("a grid of weights needs at least one value")
+        if any(not (x >= 0 and x < float("inf")) for x in values):
+            raise ValueError(f"weights must be finite and >= 0; found {v}")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"grid values must be unique; found {v}")
+        return v
+
+    @property
+    def grid(self) -> list[float] | None:
+        """The grid of weights to choose from, or None when ``lam`` is one value (or unset)."""
+        return list(self.lam) if isinstance(self.lam, list) else None
 
 
 class ReconStage(StageSpec):
@@ -302,6 +370,9 @@ class ReconStage(StageSpec):
     actors: int = Field(default=2, ge=1)
     cpus_per_actor: float = Field(default=0.5, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
+    tune_slices: int = Field(
+        default=4, ge=1, description="middle slices per validation scan on which a lam grid is scored"
+    )
     options: dict[str, SolverOptions] = Field(
         default_factory=dict,
         description="per classical method, e.g. {cs_tv: {lam: 0.02, max_iter: 200}}",
@@ -348,6 +419,15 @@ class ReconStage(StageSpec):
         return [parse_method(m) for m in self.methods]
 
 
+class StabilitySpec(Spec):
+    """The stability audit (Antun et al.): the worst image perturbation of relative norm ``eps``."""
+
+    eps: float = Field(default=0.01, gt=0, le=1, description="perturbation norm relative to the image's")
+    steps: int = Field(default=10, ge=1, description="projected gradient-ascent steps per learned model")
+    trials: int = Field(default=5, ge=1, description="random perturbations of the same norm (the control)")
+    slices: int = Field(default=1, ge=1, description="middle slices of the first test scan audited")
+
+
 class EvaluateStage(StageSpec):
     """Score the reconstructions of the recon stages before it against the reference images."""
 
@@ -355,6 +435,9 @@ class EvaluateStage(StageSpec):
     metrics: list[Literal["psnr", "ssim", "nmse"]] = Field(default_factory=lambda: ["psnr", "ssim", "nmse"])
     figure_slice: int | None = Field(
         default=None, description="slice index for the figure; default the middle"
+    )
+    stability: StabilitySpec | None = Field(
+        default=None, description="run the stability audit of every method (pipelines.audit)"
     )
 
 

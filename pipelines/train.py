@@ -20,6 +20,7 @@ import json
 import math
 import os
 import queue as queue_lib
+import shutil
 import tempfile
 import threading
 import time
@@ -30,14 +31,17 @@ import numpy as np
 import torch
 
 from models.inference import reconstruct_slices
-from models.registry import build_model, save_model
+from models.losses import make_loss
+from models.optim import make_optimizer, make_schedule
+from models.registry import SPEC_FILE as MODEL_SPEC_FILE
+from models.registry import WEIGHTS_FILE, build_model, save_model
 from operators.linear import LinearOperator
 from operators.metrics import psnr
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import progress_bar
 from pipelines.physics import Acquisition
-from pipelines.spec import Spec, TrainStage
+from pipelines.spec import Spec, TrainMasks, TrainStage
 from pipelines.store import MEASUREMENTS, Archive
 from pipelines.tracking import MlflowTracker, register_model
 
@@ -107,74 +111,147 @@ class SliceDataset:
         return torch.stack(ys), Acquisition.stack(acqs), torch.from_numpy(np.stack(xs))
 
 
-def _loss(x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    diff = x - target.to(x.dtype)
-    return diff.abs().mean() if kind == "l1" else (diff.abs() ** 2).mean()
+def fresh_batch(
+    dataset: SliceDataset, indices: list[int] | np.ndarray, masks: TrainMasks, rng: np.random.Generator
+) -> tuple[torch.Tensor, LinearOperator, torch.Tensor]:
+    """A batch measured anew: each slice with its own seeded mask and its scan's coil maps and noise level.
+
+    Returns ``(y, op, target)`` like :meth:`SliceDataset.batch`. Raises :class:`StageError` for CT scans.
+    """
+    from operators.masks import make_mask
+
+    acqs, images = [], []
+    for i in indices:
+        sid, d = dataset.index[int(i)]
+        acq, _, image = dataset.scan(sid)
+        if acq.modality != "mri":
+            raise StageError(f"train: masks drawn per sample apply to MRI; scan {sid!r} is {acq.describe()}")
+        accel = float(rng.choice(masks.accelerations))
+        mask = make_mask(masks.kind, acq.image_shape, accel, masks.center_fraction, int(rng.integers(2**62)))
+        acqs.append(acq.with_mask(mask))
+        images.append(image[d])
+    x = torch.from_numpy(np.stack(images))  # (B, H, W)
+    op = Acquisition.stack(acqs)
+    y = op.forward(x)  # (B, H, W) or (B, C, H, W) complex
+    sigma = torch.tensor([a.noise_sigma for a in acqs], dtype=torch.float32)  # (B,)
+    if bool((sigma > 0).any()):
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.complex(torch.randn(y.shape, generator=g), torch.randn(y.shape, generator=g))
+        sampled = torch.stack([a.mask.to(torch.float32) for a in acqs])  # (B, H, W)
+        sampled = sampled if y.ndim == 3 else sampled.unsqueeze(1)  # (B, 1, H, W) for coils
+        scale = (sigma / np.sqrt(2.0)).reshape(-1, *([1] * (y.ndim - 1)))
+        y = y + noise * scale * sampled
+    return y.to(torch.complex64), op, x
 
 
-def _save_checkpoint(
-    directory: str, model: torch.nn.Module, job: TrainJob, optimizer: torch.optim.Optimizer, epoch: int
-) -> None:
+def _save_checkpoint(directory: str, model: torch.nn.Module, job: TrainJob, parts: dict[str, Any]) -> None:
     save_model(model, job.stage.model.name, job.stage.model.kwargs, directory)
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    torch.save(parts["optimizer"].state_dict(), os.path.join(directory, "optimizer.pt"))
+    torch.save(parts["schedule"].state_dict(), os.path.join(directory, "schedule.pt"))
     with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump({"epoch": epoch}, f)
+        json.dump(parts["state"], f)
 
 
-def _validate(model: torch.nn.Module, dataset: SliceDataset, scan_ids: list[str]) -> float | None:
+def _validate(
+    model: torch.nn.Module, dataset: SliceDataset, scan_ids: list[str], device: Any
+) -> float | None:
     scores = []
     for sid in scan_ids:
         acq, y, ref = dataset.scan(sid)
-        scores.append(psnr(reconstruct_slices(model, y, acq.op), ref))
+        scores.append(psnr(reconstruct_slices(model, y, acq.op, device=device), ref))
     return float(np.mean(scores)) if scores else None
 
 
+def _initial_weights(model: torch.nn.Module, job: TrainJob) -> None:
+    """Load ``init_from``'s weights, after checking it is the same architecture."""
+    from pipelines.tracking import load_model_uri
+
+    assert job.stage.init_from is not None
+    source, spec = load_model_uri(job.stage.init_from, job.tracking_uri)
+    same = spec.get("name") == job.stage.model.name and spec.get("kwargs", {}) == job.stage.model.kwargs
+    if not same:
+        raise StageError(
+            f"train stage {job.stage.name!r}: init_from {job.stage.init_from} is {spec.get('name')} "
+            f"{spec.get('kwargs')}; this stage trains {job.stage.model.name} {job.stage.model.kwargs}"
+        )
+    model.load_state_dict(source.state_dict())
+
+
+def _stop_together(stop: bool) -> bool:
+    """Rank 0's early-stopping decision, shared with every rank (they must leave the loop together)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stop
+    flag = torch.tensor([1 if stop else 0])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: build, (resume,) train, validate, report, log."""
+    """The Ray Train worker: build, (resume or fine-tune,) train, validate, report."""
     config = dict(config)
     progress = config.pop("progress", None)  # a ray.util.queue.Queue the driver's bar reads
     job = TrainJob.model_validate(config)
+    stage = job.stage
     import ray.train
     import ray.train.torch
     from safetensors.torch import load_file
 
-    torch.set_num_threads(job.stage.threads_per_worker)
+    torch.set_num_threads(stage.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    autocast = stage.amp and device.type == "cuda"
     archive = Archive(job.archive_uri, job.storage_options)
     train_set = SliceDataset(archive, job.train_ids)
     val_set = SliceDataset(archive, job.val_ids) if job.val_ids and rank == 0 else None
-    prefix = job.stage.name
 
+    per_rank = len(train_set) // world
+    steps_per_epoch = max(1, math.ceil(per_rank / stage.batch_size))
     torch.manual_seed(job.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_model(job.stage.model.name, job.stage.model.kwargs)
-    optimizer = torch.optim.Adam(model.parameters(), lr=job.stage.lr)
-    start_epoch = 0
+    model = build_model(stage.model.name, stage.model.kwargs)
+    optimizer = make_optimizer(model.parameters(), stage.optimizer, stage.lr, stage.weight_decay)
+    schedule = make_schedule(optimizer, stage.schedule, stage.lr, steps_per_epoch * stage.epochs)
+    state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": None, "bad_epochs": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, "weights.safetensors")))
             optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+            schedule.load_state_dict(torch.load(os.path.join(d, "schedule.pt"), weights_only=True))
             with open(os.path.join(d, "state.json")) as f:
-                start_epoch = json.load(f)["epoch"] + 1
+                state = json.load(f)
+    elif stage.init_from:
+        _initial_weights(model, job)
     ddp_model = ray.train.torch.prepare_model(model)
     tracker = MlflowTracker(job.tracking_uri, job.run_id) if rank == 0 else None
+    loss_fn = make_loss(stage.loss)
 
-    per_rank = len(train_set) // world
-    steps_per_epoch = max(1, math.ceil(per_rank / job.stage.batch_size))
-    total_steps = steps_per_epoch * job.stage.epochs
-    for epoch in range(start_epoch, job.stage.epochs):
+    total_steps = steps_per_epoch * stage.epochs
+    for epoch in range(state["epoch"] + 1, stage.epochs):
         t0 = time.perf_counter()
         order = np.random.default_rng([job.seed, epoch]).permutation(len(train_set))
         mine = order[: per_rank * world][rank::world]  # equal share on every rank
+        rng = np.random.default_rng([job.seed, epoch, rank, 1])  # per-sample masks
         ddp_model.train()
         losses = []
-        for step, start in enumerate(range(0, len(mine), job.stage.batch_size)):
-            y, op, target = train_set.batch(mine[start : start + job.stage.batch_size])
-            loss = _loss(ddp_model(y, op), target, job.stage.loss)
+        for step, start in enumerate(range(0, len(mine), stage.batch_size)):
+            indices = mine[start : start + stage.batch_size]
+            if stage.masks is not None:
+                y, op, target = fresh_batch(train_set, indices, stage.masks, rng)
+            else:
+                y, op, target = train_set.batch(indices)
+            if device.type != "cpu":
+                y, target, op = y.to(device), target.to(device), op.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(ddp_model(y, op), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if stage.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
             if rank == 0 and progress is not None:
                 progress.put_nowait((epoch * steps_per_epoch + step + 1) / total_steps)
@@ -182,25 +259,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
             "epoch_seconds": time.perf_counter() - t0,
+            "lr": float(schedule.get_last_lr()[0]),
         }
+        stop = False
         if rank == 0:
             model.eval()
-            if val_set is not None:
-                score = _validate(model, val_set, job.val_ids)
-                if score is not None:
-                    metrics["val_psnr"] = score
+            score = _validate(model, val_set, job.val_ids, device) if val_set is not None else None
+            if score is not None:
+                metrics["val_psnr"] = score
+                if state["best"] is None or score > state["best"]:
+                    state |= {"best": score, "best_epoch": epoch, "bad_epochs": 0}
+                else:
+                    state["bad_epochs"] += 1
+                stop = stage.early_stopping is not None and state["bad_epochs"] >= stage.early_stopping
+        state["epoch"] = epoch
+        stop = _stop_together(stop)
+        if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                _save_checkpoint(d, model, job, optimizer, epoch)
+                _save_checkpoint(
+                    d, model, job, {"optimizer": optimizer, "schedule": schedule, "state": state}
+                )
                 assert tracker is not None
-                tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
+                tracker.log_metrics({f"{stage.name}/{k}": v for k, v in metrics.items()}, step=epoch)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            save_model(model, job.stage.model.name, job.stage.model.kwargs, d)
-            assert tracker is not None
-            tracker.log_model_dir(d, f"models/{prefix}")
+        if stop:
+            break
 
 
 def _storage_path(archive: Archive) -> str:
@@ -282,7 +367,20 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
         bar_group.update(bar, completed=100)
     if fit_result.error:
         raise StageError(f"train stage {stage.name!r}: Ray Train failed: {fit_result.error}")
+    best = fit_result.get_best_checkpoint(*score) if val_ids else None
+    chosen = best or fit_result.checkpoint
+    if chosen is None:
+        raise StageError(f"train stage {stage.name!r}: Ray Train reported no checkpoint")
+    with chosen.as_directory() as d, tempfile.TemporaryDirectory() as model_dir:
+        for part in (MODEL_SPEC_FILE, WEIGHTS_FILE):  # the model, without optimiser and schedule state
+            shutil.copy(os.path.join(d, part), model_dir)
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+        ctx.tracker.log_model_dir(model_dir, f"models/{stage.name}")
     name = stage.register_as or f"{ctx.spec.name}-{stage.name}"
     model_uri = register_model(ctx.tracking_uri, name, ctx.tracker.run_id, f"models/{stage.name}")
     final = {k: v for k, v in (fit_result.metrics or {}).items() if isinstance(v, (int, float))}
-    return StageResult(outputs={"model_uri": model_uri, "metrics": final}, done=len(train_ids))
+    chosen_facts = {"best_epoch": state.get("best_epoch"), "best_val_psnr": state.get("best")}
+    ctx.tracker.log_metrics({f"{stage.name}/{k}": v for k, v in chosen_facts.items() if v is not None})
+    outputs = {"model_uri": model_uri, "metrics": final, "registered": chosen_facts}
+    return StageResult(outputs=outputs, done=len(train_ids))

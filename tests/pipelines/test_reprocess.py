@@ -80,10 +80,27 @@ def test_bad_arguments_exit_2_with_one_line(ray_session, job):
     archive, _ = job
     out = medrecon("reprocess", archive.uri, "--method", "magic", ray=ray_session)
     assert out.returncode == 2 and "unknown method 'magic'" in out.stderr and "Traceback" not in out.stderr
-    out = medrecon("reprocess", archive.uri, "--method", "models:/nope/1", ray=ray_session)
+    out = medrecon("reprocess", archive.uri, "--method", "models:/nope/1", ray=ray_session)  # before Ray
     assert (
-        out.returncode == 1 and "has no version 1 of 'nope'" in out.stderr and "Traceback" not in out.stderr
+        out.returncode == 2 and "has no version 1 of 'nope'" in out.stderr and "Traceback" not in out.stderr
     )
+
+
+def test_a_model_that_does_not_fit_the_archives_operator_is_refused_before_ray(ray_session, job, tmp_path):
+    from models.registry import build_model, save_model
+    from pipelines.tracking import MlflowTracker, register_model, start_pipeline_run
+
+    archive, uri = job  # single-coil MRI; VarNet needs SENSE
+    run_id = start_pipeline_run(uri, "train", "varnet", "fp-v", {})
+    kwargs = {"n_cascades": 1, "features": 4, "sens_features": 4}
+    save_model(build_model("varnet", kwargs), "varnet", kwargs, tmp_path / "v")
+    MlflowTracker(uri, run_id).log_model_dir(tmp_path / "v", "models/v")
+    model_uri = register_model(uri, "coils", run_id, "models/v")
+    out = medrecon("reprocess", archive.uri, "--method", model_uri, ray=None, env={"RAY_ADDRESS": ""})
+    assert out.returncode == 2, (out.stdout + out.stderr)[-2000:]
+    assert f"model {model_uri} (varnet) does not fit this pipeline's operator CartesianMRI" in out.stderr
+    assert "images (32, 32), measurements (32, 32)" in out.stderr and "Traceback" not in out.stderr
+    assert "Token authentication" not in out.stderr, "Ray was started"
 
 
 def test_a_killed_actor_is_retried_and_every_scan_is_committed_once(ray_session, job, tmp_path):

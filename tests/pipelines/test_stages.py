@@ -143,7 +143,17 @@ def test_recon_records_each_methods_cost_and_evaluate_reports_it(archive):
 
     scores = score_scan(archive, "s0", methods=["zero_filled", "cs_tv"], metrics=["psnr"])["scores"]
     assert scores["cs_tv"]["iterations"] == 7 and scores["cs_tv"]["recon_s"] == solver["cs_tv"]["recon_s"]
-    assert set(scores["zero_filled"]) == {"psnr", "recon_s", "iterations", "converged"}
+    assert set(scores["zero_filled"]) == {
+        "psnr",
+        "recon_s",
+        "s_per_slice",
+        "iterations",
+        "converged",
+        "dc_residual",
+    }
+    assert scores["cs_tv"]["lam"] == 0.01  # cs_tv's default weight, recorded
+    assert scores["zero_filled"]["dc_residual"] < 1e-5 < scores["cs_tv"]["dc_residual"] < 0.5
+    assert scores["cs_tv"]["s_per_slice"] == pytest.approx(solver["cs_tv"]["recon_s"] / 4)
     assert scores["cs_tv"]["converged"] == 0.0 and scores["zero_filled"]["converged"] == 1.0
 
 

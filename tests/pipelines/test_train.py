@@ -73,3 +73,67 @@ def test_a_batch_stacks_mri_acquisitions_and_shares_a_ct_geometry():
         Exception, match="training batches need one kind of acquisition; found CT 16x16 parallel"
     ):
         Acquisition.stack([c, fan])
+
+
+def test_fresh_masks_differ_per_sample_and_keep_each_scans_noise(tmp_path):
+    from pipelines.spec import TrainMasks
+    from pipelines.train import SliceDataset, fresh_batch
+    from tests.pipelines.helpers import phantom_archive, simulate
+
+    archive = phantom_archive(tmp_path / "a", n=2, shape=(8, 32, 32))
+    for s in ("s0", "s1"):
+        assert simulate(archive, s, SimulateStage(kind="simulate", coils=2, snr_db=20)).status == "done"
+    data = SliceDataset(archive, ["s0", "s1"])
+    rng = np.random.default_rng(0)
+    y, op, target = fresh_batch(data, list(range(16)), TrainMasks(accelerations=[4, 8]), rng)
+    masks = op.mask  # (16, H, W): one mask per sample
+    assert y.shape == (16, 2, 32, 32) and target.shape == (16, 32, 32)
+    assert len({m.numpy().tobytes() for m in masks}) >= 12, "masks are drawn per sample"
+    fractions = [float(m.mean()) for m in masks]
+    assert max(fractions) > 0.2 > min(fractions), "both accelerations (4x and 8x) are drawn"
+    assert bool((y.abs() * (1 - masks.unsqueeze(1)) == 0).all()), "nothing is measured outside the mask"
+    noise = (y - op.forward(target.to(torch.complex64)))[masks.unsqueeze(1).expand_as(y) > 0]
+    sigma = Acquisition.from_archive(archive, "s0").noise_sigma
+    assert float(noise.abs().pow(2).mean().sqrt()) == pytest.approx(sigma, rel=0.1)
+    again = fresh_batch(data, list(range(16)), TrainMasks(accelerations=[4, 8]), np.random.default_rng(0))
+    torch.testing.assert_close(again[0], y)  # seeded
+
+    ct = phantom_archive(tmp_path / "ct", n=1, shape=(8, 32, 32))
+    simulate(ct, "s0", SimulateStage(kind="simulate", modality="ct", ct=CTSpec(views=10)))
+    with pytest.raises(Exception, match=r"masks drawn per sample apply to MRI; scan 's0' is CT 32x32"):
+        fresh_batch(SliceDataset(ct, ["s0"]), [0], TrainMasks(), rng)
+
+
+def test_early_stopping_registers_the_best_epoch(ray_session, tmp_path):
+    spec = _spec(tmp_path, {"modality": "mri"}, epochs=8).model_dump(mode="json")
+    spec["stages"][2] |= {"lr": 0.3, "early_stopping": 1}  # a step this large soon makes things worse
+    result = run_pipeline(PipelineSpec.model_validate(spec), Console(quiet=True))
+    client = MlflowClient(result.tracking_uri)
+    val = [
+        m.value
+        for m in sorted(client.get_metric_history(result.run_id, "train/val_psnr"), key=lambda m: m.step)
+    ]
+    assert len(val) < 8, f"early stopping never stopped: {val}"
+    registered = result.outputs["train"]["registered"]
+    assert registered["best_epoch"] == int(np.argmax(val)) and registered["best_val_psnr"] == pytest.approx(
+        max(val)
+    )
+    assert val[-1] < max(val), "it stopped after an epoch without improvement"
+
+
+def test_fine_tuning_starts_from_a_registered_model_of_the_same_architecture(ray_session, tmp_path):
+    from pipelines.errors import PreflightError
+
+    first = run_pipeline(_spec(tmp_path / "a", {"modality": "mri"}, epochs=3), Console(quiet=True))
+    losses = _losses(first)
+    raw = _spec(tmp_path / "b", {"modality": "mri"}, epochs=1).model_dump(mode="json")
+    raw["tracking"] = {"uri": first.tracking_uri, "experiment": "t"}
+    raw["stages"][2]["init_from"] = "models:/t-train/1"
+    tuned = run_pipeline(PipelineSpec.model_validate(raw), Console(quiet=True))
+    assert _losses(tuned)[0] < 0.9 * losses[0], "fine-tuning started from scratch"
+    raw["stages"][2]["model"]["kwargs"]["features"] = 4
+    mismatch = (
+        r"init_from models:/t-train/1 is a unrolled_gd with .*'features': 8.*trains a unrolled_gd with .*: 4"
+    )
+    with pytest.raises(PreflightError, match=mismatch):
+        run_pipeline(PipelineSpec.model_validate(raw), Console(quiet=True))
