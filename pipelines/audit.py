@@ -44,7 +44,7 @@ def audit_methods(
 ) -> dict[str, dict[str, float]]:
     """``{key: {"amplification": …, "amplification_random": …}}`` for ``methods`` (ResolvedMethod dicts)."""
     from operators.stability import evaluate_perturbation, random_perturbation, worst_case_perturbation
-    from pipelines.tracking import load_model_uri
+    from pipelines.methods import load_model_uri
 
     resolved = [
         ResolvedMethod(MethodRef(**m["ref"]), m["key"], m["model_uri"], m["identity"]) for m in methods

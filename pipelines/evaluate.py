@@ -135,9 +135,16 @@ def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResul
     methods = list(dict.fromkeys(k for out in recons for k in out.get("methods", [])))
     labels = {k: v for out in recons for k, v in out.get("labels", {}).items()}
     scans = list(dict.fromkeys(s for out in recons for s in out.get("scans", [])))
-    failed = {s for k in methods for s in ctx.archive.quarantined(f"recon/{k}")}
+    # Every method is scored on the same scans. A method that failed on every scan leaves the table
+    # (its quarantine says why) instead of taking every other method's scores with it.
+    failed = {k: set(ctx.archive.quarantined(f"recon/{k}")) & set(scans) for k in methods}
+    dropped = [k for k in methods if scans and failed[k] >= set(scans)]
+    methods = [k for k in methods if k not in dropped]
+    bad = set().union(*(failed[k] for k in methods)) if methods else set()
     with_reference = set(ctx.archive.committed(SOURCE))
-    ids = [s for s in scans if s not in failed and s in with_reference]
+    ids = [s for s in scans if s not in bad and s in with_reference]
+    for key in dropped:
+        ctx.console.print(f"[yellow]evaluate: {key} failed on every scan and is left out of the table[/]")
     unit = f"evaluate/{stage.name}"
     outcomes = fan_out(
         ctx.archive,

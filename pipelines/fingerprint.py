@@ -3,8 +3,9 @@
 A stage's fingerprint hashes its own spec (all but its name), the fingerprints of the stages it
 reads from, the pipeline seed, and its **code version**: the source of the stage's module and of
 every module of ``operators``, ``models`` and ``pipelines`` it imports, followed transitively
-(imports inside functions included). So editing the CLI's tables retrains nothing, while editing
-an operator the recon stage uses redoes reconstruction.
+(imports inside functions included; the spec module counts, but not what it imports to validate a
+file). So editing the CLI's tables retrains nothing, editing a model redoes the stages that run
+models and not the phantoms, and editing an operator the recon stage uses redoes reconstruction.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ __all__ = ["code_version", "module_closure", "stage_fingerprint", "combine", "sc
 
 ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("operators", "models", "pipelines")
+#: Modules whose own source counts but whose imports are not followed: the spec imports the model
+#: registry, the classical methods and the mask kinds only to validate a file, and that must not
+#: make every stage (the phantoms' too) depend on every model and solver.
+_LEAVES = frozenset({"pipelines.spec"})
 
 
 def _module_file(name: str) -> Path | None:
@@ -64,7 +69,8 @@ def module_closure(*roots: str) -> tuple[str, ...]:
         seen.add(name)
         path = _module_file(name)
         assert path is not None
-        todo.extend(_imports(path) - seen)
+        if name not in _LEAVES:
+            todo.extend(_imports(path) - seen)
     return tuple(sorted(seen))
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from operators.recon import METHODS
 
-__all__ = ["MethodRef", "ResolvedMethod", "parse_method", "resolve_model_uri", "classical"]
+__all__ = ["MethodRef", "ResolvedMethod", "parse_method", "resolve_model_uri", "load_model_uri", "classical"]
 
 _MODEL_URI = re.compile(
     r"^models:/(?P<name>[A-Za-z0-9._-]+)(/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))$"
@@ -134,3 +135,34 @@ def resolve_model_uri(uri: str, tracking_uri: str) -> tuple[str, str, dict[str, 
         f"models:/{name}/{version}",
         {"model": name, "model_version": version, "model_run_id": mv.run_id},
     )
+
+
+def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Download ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/ID/PATH``; rebuild the module.
+
+    The download goes to a temporary folder that is removed once the weights are in memory.
+    """
+    import mlflow
+
+    from models.registry import load_model
+    from pipelines.errors import TrackingError
+    from pipelines.tracking import client
+
+    with tempfile.TemporaryDirectory(prefix="medrecon-model-") as target:
+        try:  # URIs passed, never set globally: one process may talk to several tracking servers
+            source = model_uri
+            if model_uri.startswith("models:/"):
+                name, _, ref = model_uri[len("models:/") :].partition("/")
+                c = client(tracking_uri)
+                if "@" in name:
+                    name, alias = name.split("@", 1)
+                    ref = c.get_model_version_by_alias(name, alias).version
+                source = c.get_model_version_download_uri(name, ref)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=target, tracking_uri=tracking_uri
+            )
+        except Exception as exc:
+            raise TrackingError(
+                f"could not download model {model_uri!r} from {tracking_uri!r}: {exc}"
+            ) from exc
+        return load_model(local, device=device)

@@ -254,7 +254,7 @@ def check_models(spec: PipelineSpec, tracking_uri: str, archive: Any = None) -> 
             uris.append((stage.name, stage.init_from))
     if not uris:
         return
-    from pipelines.tracking import load_model_uri
+    from pipelines.methods import load_model_uri
 
     op = _pipeline_operator(spec, archive)
     for name, uri in uris:

@@ -198,7 +198,7 @@ class Reconstructor:
             if m.model_uri is not None and m.model_uri not in self.models:
                 if tracking_uri is None:
                     raise StageError(f"method {m.ref.text!r} needs a tracking URI to load {m.model_uri}")
-                from pipelines.tracking import load_model_uri
+                from pipelines.methods import load_model_uri
 
                 self.models[m.model_uri] = load_model_uri(m.model_uri, tracking_uri, device)[0]
 

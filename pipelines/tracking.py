@@ -3,15 +3,15 @@
 Every stage logs through a tracker bound to one MLflow run by ID, so the run can be
 created on the driver and the same object shipped to Ray workers (it pickles as its
 URI and run ID). Models are logged as an architecture spec plus safetensors weights
-(see :mod:`models.registry`) and registered in the MLflow model registry; loading
-rebuilds the module from the spec, so no pickle is ever read.
+(see :mod:`models.registry`) and registered in the MLflow model registry; resolving and loading
+them is :mod:`pipelines.methods` (this module never imports a model, so every stage can log
+without depending on the models' code).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +23,6 @@ __all__ = [
     "resolve_tracking_uri",
     "start_pipeline_run",
     "register_model",
-    "load_model_uri",
     "client",
 ]
 
@@ -181,32 +180,3 @@ def register_model(uri: str, name: str, run_id: str, artifact_path: str) -> str:
         name, source=source, run_id=run_id, tags={"medrecon.format": "spec+safetensors"}
     )
     return f"models:/{name}/{version.version}"
-
-
-def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Download ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/ID/PATH``; rebuild the module.
-
-    The download goes to a temporary folder that is removed once the weights are in memory.
-    """
-    import mlflow
-
-    from models.registry import load_model
-
-    with tempfile.TemporaryDirectory(prefix="medrecon-model-") as target:
-        try:  # URIs passed, never set globally: one process may talk to several tracking servers
-            source = model_uri
-            if model_uri.startswith("models:/"):
-                name, _, ref = model_uri[len("models:/") :].partition("/")
-                c = client(tracking_uri)
-                if "@" in name:
-                    name, alias = name.split("@", 1)
-                    ref = c.get_model_version_by_alias(name, alias).version
-                source = c.get_model_version_download_uri(name, ref)
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=target, tracking_uri=tracking_uri
-            )
-        except Exception as exc:
-            raise TrackingError(
-                f"could not download model {model_uri!r} from {tracking_uri!r}: {exc}"
-            ) from exc
-        return load_model(local, device=device)

@@ -164,7 +164,7 @@ def _validate(
 
 def _initial_weights(model: torch.nn.Module, job: TrainJob) -> None:
     """Load ``init_from``'s weights, after checking it is the same architecture."""
-    from pipelines.tracking import load_model_uri
+    from pipelines.methods import load_model_uri
 
     assert job.stage.init_from is not None
     source, spec = load_model_uri(job.stage.init_from, job.tracking_uri)
@@ -246,10 +246,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 y, target, op = y.to(device), target.to(device), op.to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(ddp_model(y, op), target)
+            if not torch.isfinite(loss):
+                raise StageError(
+                    f"train stage {stage.name!r}: the loss is {float(loss)} at epoch {epoch}, step {step} "
+                    f"({stage.model.name}, lr {stage.lr}); lower the learning rate, set grad_clip, or "
+                    "check the data"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if stage.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+            # The total gradient norm (clipped to grad_clip when set) also tells whether one is NaN/Inf.
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip or float("inf"))
+            if not torch.isfinite(norm):
+                raise StageError(
+                    f"train stage {stage.name!r}: the gradient norm is {float(norm)} at epoch {epoch}, "
+                    f"step {step} ({stage.model.name}); lower the learning rate or set grad_clip"
+                )
             optimizer.step()
             schedule.step()
             losses.append(loss.item())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models import ModelError, build_model, load_model, save_model
-from models.modl import data_consistency
+from models.modl import MoDL, MoDLConfig, data_consistency
 from models.unrolled import NORM_ITERATIONS
 from models.varnet import VarNet, acs_window
 from operators.ct import ParallelBeam, sparse_view_angles
@@ -348,3 +348,19 @@ def test_estimated_maps_have_unit_sum_of_squares_and_refuse_3d_sense() -> None:
     op3 = sense(torch.ones(4, 8, 8), birdcage_maps((4, 8, 8), 2), ndim=3)
     with pytest.raises(TypeError, match="VarNet needs a 2D SENSE operator"):
         VarNet.check_operator(op3)
+
+
+def test_modl_gradients_stay_finite_when_cg_converges_before_its_last_step() -> None:
+    """Cartesian MRI: AᴴA + λI has two eigenvalues, so CG is exact after two steps; eight more must
+    not divide rounding noise by rounding noise (that overflowed to NaN in float32 training)."""
+    from operators.masks import make_mask
+    from operators.mri import CartesianMRI
+    from operators.phantoms import random_ellipsoids
+
+    op = CartesianMRI(make_mask("random_1d", (32, 32), 4, 0.08, 3).to(torch.float32))
+    x = torch.from_numpy(random_ellipsoids((4, 32, 32), seed=3).image)
+    net = MoDL(MoDLConfig(n_iter=3, cg_iter=10, features=8))
+    with torch.no_grad():
+        net.denoiser.net[-1].weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
+    (net(op.forward(x.to(torch.complex64)), op).abs() - x).abs().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters()), "a gradient is NaN or infinite"
