@@ -10,7 +10,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TMPDIR := $(CURDIR)/.tmp
 export RAY_TMPDIR := $(CURDIR)/.tmp
 
-.PHONY: install quickstart test bench lint clean
+.PHONY: install quickstart test bench bench-learned lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ bench: install
 	$(BIN)/python benchmarks/simulate.py
 	$(BIN)/python benchmarks/reprocess.py
 	$(BIN)/python benchmarks/integrity.py
+
+# Learned reconstruction against tuned classical methods (about 2 hours on 2 CPU cores).
+bench-learned: install
+	@mkdir -p .tmp benchmarks/results
+	$(BIN)/python benchmarks/brain_realism.py
+	$(BIN)/python benchmarks/sample_complexity.py
+	$(BIN)/python benchmarks/learned_3d.py
+	$(BIN)/medrecon run pipelines/specs/recon_benchmark.yaml
+	$(BIN)/medrecon run pipelines/specs/recon_benchmark_ct.yaml
 
 lint: install
 	$(BIN)/ruff check operators models pipelines tests benchmarks
