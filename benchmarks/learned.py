@@ -31,8 +31,19 @@ from operators.masks import make_mask
 from operators.metrics import psnr
 from operators.mri import CartesianMRI
 from operators.noise import kspace_noise
+from operators.recon import reconstruct
 
-__all__ = ["Acquired", "subjects", "acquire", "draw_batch", "fit", "mean_psnr", "SNR_DB"]
+__all__ = [
+    "Acquired",
+    "TunedTV",
+    "subjects",
+    "acquire",
+    "draw_batch",
+    "fit",
+    "mean_psnr",
+    "tuned_cs_tv",
+    "SNR_DB",
+]
 
 SNR_DB = 40.0
 
@@ -121,3 +132,32 @@ def mean_psnr(recons: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[flo
         for r, ref in zip(recons, refs, strict=True)
     ]
     return float(np.mean(scores)), float(np.std(scores))
+
+
+@dataclass(frozen=True)
+class TunedTV:
+    """``cs_tv`` on the test acquisitions with the weight that scored best on the validation ones."""
+
+    images: list[torch.Tensor]
+    lam: float
+    validation: dict[float, float]  # weight -> mean validation PSNR
+    iterations: list[int]  # per test acquisition
+    seconds: float  # per test acquisition
+
+    def describe(self) -> str:
+        return f"lam {self.lam}, iterations {int(np.median(self.iterations))} (max {max(self.iterations)})"
+
+
+def tuned_cs_tv(
+    vals: list[Acquired], tests: list[Acquired], lams: list[float], max_iter: int = 2000, tol: float = 1e-4
+) -> TunedTV:
+    """Choose ``lam`` from ``lams`` by mean validation PSNR, then reconstruct ``tests`` to ``tol``."""
+    scores = {}
+    for lam in lams:
+        recons = [reconstruct("cs_tv", a.y, a.op, lam=lam, max_iter=max_iter, tol=tol).image for a in vals]
+        scores[lam] = mean_psnr(recons, [a.x for a in vals])[0]
+    lam = max(scores, key=scores.__getitem__)
+    t0 = time.perf_counter()
+    results = [reconstruct("cs_tv", a.y, a.op, lam=lam, max_iter=max_iter, tol=tol) for a in tests]
+    seconds = (time.perf_counter() - t0) / len(tests)
+    return TunedTV([r.image for r in results], lam, scores, [r.iterations for r in results], seconds)

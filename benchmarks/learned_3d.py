@@ -39,11 +39,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from benchmarks.learned import acquire, draw_batch, fit, mean_psnr, subjects  # noqa: E402
+from benchmarks.learned import acquire, draw_batch, fit, mean_psnr, subjects, tuned_cs_tv  # noqa: E402
 from benchmarks.timing import print_table, write_json  # noqa: E402
 from models.inference import apply_slices  # noqa: E402
 from models.registry import build_model  # noqa: E402
-from operators.recon import reconstruct  # noqa: E402
 
 SHAPE = (32, 64, 64)
 ACCELERATION = 6
@@ -88,25 +87,18 @@ def main() -> None:
         }
     )
 
-    scores = {}
-    for lam in LAMS:
-        recons = [reconstruct("cs_tv", a.y, a.op, lam=lam, max_iter=2000, tol=1e-4).image for a in vals]
-        scores[lam] = mean_psnr(recons, [a.x for a in vals])[0]
-        console.print(f"cs_tv lam {lam}: validation {scores[lam]:.2f} dB")
-    lam = max(scores, key=scores.__getitem__)
-    t0 = time.perf_counter()
-    results = [reconstruct("cs_tv", a.y, a.op, lam=lam, max_iter=2000, tol=1e-4) for a in tests]
-    tv_seconds = (time.perf_counter() - t0) / len(tests)
-    m, s = mean_psnr([r.image for r in results], refs)
-    its = [r.iterations for r in results]
+    tv = tuned_cs_tv(vals, tests, LAMS)
+    for lam, score in tv.validation.items():
+        console.print(f"cs_tv lam {lam}: validation {score:.2f} dB")
+    m, s = mean_psnr(tv.images, refs)
     tv_psnr = m
     rows.append(
         {
             "method": "cs_tv (3D TV)",
             "PSNR": m,
             "±": s,
-            "s/volume": tv_seconds,
-            "note": f"lam {lam}, iterations {int(np.median(its))} (max {max(its)})",
+            "s/volume": tv.seconds,
+            "note": tv.describe(),
         }
     )
 
@@ -154,7 +146,7 @@ def main() -> None:
                 "mask": MASK,
                 "acceleration": ACCELERATION,
                 "lams": LAMS,
-                "validation_psnr": scores,
+                "validation_psnr": tv.validation,
                 "model": MODEL,
                 "steps": args.steps,
                 "batch": args.batch,

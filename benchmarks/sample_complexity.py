@@ -41,11 +41,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from benchmarks.learned import acquire, draw_batch, fit, mean_psnr, subjects  # noqa: E402
+from benchmarks.learned import acquire, draw_batch, fit, mean_psnr, subjects, tuned_cs_tv  # noqa: E402
 from benchmarks.timing import print_table, write_json  # noqa: E402
 from models.inference import apply_slices  # noqa: E402
 from models.registry import build_model  # noqa: E402
-from operators.recon import reconstruct  # noqa: E402
 
 SHAPE = (16, 128, 128)
 MODELS = {
@@ -70,17 +69,6 @@ def _fixed(volumes: list[torch.Tensor], seeds: list[int]) -> list:
     return out
 
 
-def _cs_tv(tests: list, vals: list) -> tuple[list[torch.Tensor], float, str]:
-    scores = {}
-    for lam in LAMS:
-        recons = [reconstruct("cs_tv", a.y, a.op, lam=lam, max_iter=2000, tol=1e-4).image for a in vals]
-        scores[lam] = mean_psnr(recons, [a.x for a in vals])[0]
-    lam = max(scores, key=scores.__getitem__)
-    results = [reconstruct("cs_tv", a.y, a.op, lam=lam, max_iter=2000, tol=1e-4) for a in tests]
-    its = [r.iterations for r in results]
-    return [r.image for r in results], lam, f"{int(np.median(its))} (max {max(its)})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per model (batch 8)")
@@ -93,7 +81,6 @@ def main() -> None:
     for n in args.sizes:
         if n % SHAPE[0]:
             parser.error(f"--sizes: each must be a multiple of {SHAPE[0]} slices (whole subjects); found {n}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console()
     t_start = time.perf_counter()
 
@@ -107,8 +94,8 @@ def main() -> None:
     m, s = mean_psnr(zf, refs)
     rows.append({"method": "zero_filled", "train slices": "-", "PSNR": m, "±": s, "train s": "-", "note": ""})
     t0 = time.perf_counter()
-    tv, lam, its = _cs_tv(tests, vals)
-    m, s = mean_psnr(tv, refs)
+    tv = tuned_cs_tv(vals, tests, LAMS)
+    m, s = mean_psnr(tv.images, refs)
     rows.append(
         {
             "method": "cs_tv",
@@ -116,7 +103,7 @@ def main() -> None:
             "PSNR": m,
             "±": s,
             "train s": "-",
-            "note": f"lam {lam} (of {LAMS}), iterations {its}, {time.perf_counter() - t0:.0f} s",
+            "note": f"{tv.describe()} (lam of {LAMS}), {time.perf_counter() - t0:.0f} s",
         }
     )
 
