@@ -148,16 +148,14 @@ def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tu
     from pipelines.errors import TrackingError
     from pipelines.tracking import client
 
+    _, _, identity = resolve_model_uri(model_uri, tracking_uri)  # one URI grammar; aliases resolved
     with tempfile.TemporaryDirectory(prefix="medrecon-model-") as target:
         try:  # URIs passed, never set globally: one process may talk to several tracking servers
             source = model_uri
-            if model_uri.startswith("models:/"):
-                name, _, ref = model_uri[len("models:/") :].partition("/")
-                c = client(tracking_uri)
-                if "@" in name:
-                    name, alias = name.split("@", 1)
-                    ref = c.get_model_version_by_alias(name, alias).version
-                source = c.get_model_version_download_uri(name, ref)
+            if "model_version" in identity:
+                source = client(tracking_uri).get_model_version_download_uri(
+                    identity["model"], identity["model_version"]
+                )
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=source, dst_path=target, tracking_uri=tracking_uri
             )
