@@ -32,6 +32,7 @@ __all__ = [
     "PadToMultiple",
     "conv_stack",
     "image_cnn",
+    "image_unet",
     "initial_image",
     "item_scale",
     "measurement_scale",
@@ -177,6 +178,43 @@ def image_cnn(
     ``x + cnn(x)`` or an update ``x - cnn(x)``, an untrained network is the identity.
     """
     return AsChannels(conv_stack(2, 2, features, depth, spatial_dims, norm_layer), spatial_dims)
+
+
+def image_unet(features: int = 32, levels: int = 2, spatial_dims: int = 2) -> AsChannels:
+    """A multi-scale CNN on images ``(..., *spatial)`` (real or complex), zero at initialisation.
+
+    MONAI's :class:`~monai.networks.nets.UNet` with channels ``features · 2^i`` for
+    ``i = 0..levels`` (``levels`` stride-2 halvings), LeakyReLU and **no normalisation**,
+    followed by a zero-initialised 1x1 convolution; any image size (zero-padded to a multiple
+    of ``2**levels`` and cropped back, :class:`PadToMultiple`).
+
+    No normalisation, because the map must be homogeneous-ish in its input's scale: as the
+    regulariser of a Neumann series it acts on terms that shrink from one to the next, and an
+    instance norm would return an output of unit scale for every term, so the series would not
+    converge. Its receptive field spans the image (a 3x3 stack of depth 3 sees 7x7 pixels).
+    """
+    from monai.networks.nets import UNet  # heavy import, only when a U-Net is built
+
+    check_spatial_dims(spatial_dims, "image_unet")
+    if levels < 1:
+        raise ValueError(f"image_unet: levels must be >= 1; found {levels}")
+    if features < 1:
+        raise ValueError(f"image_unet: features must be >= 1; found {features}")
+    channels = tuple(features * 2**i for i in range(levels + 1))
+    body = UNet(
+        spatial_dims=spatial_dims,
+        in_channels=2,
+        out_channels=features,
+        channels=channels,
+        strides=(2,) * levels,
+        num_res_units=0,
+        act=("leakyrelu", {"negative_slope": 0.1}),
+        norm=None,
+    )
+    head = _CONV[spatial_dims](features, 2, 1)
+    nn.init.zeros_(head.weight)  # start as the zero map
+    nn.init.zeros_(head.bias)
+    return AsChannels(PadToMultiple(nn.Sequential(body, head), 2**levels), spatial_dims)
 
 
 def initial_image(y: torch.Tensor, op: LinearOperator) -> torch.Tensor:

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.blocks import check_image_rank, check_spatial_dims, image_cnn, item_scale
+from models.blocks import check_image_rank, check_spatial_dims, image_cnn, image_unet, item_scale
 from models.unrolled import NORM_ITERATIONS
 from operators.linear import LinearOperator
 
@@ -86,8 +86,14 @@ class NeumannConfig:
 
     Attributes:
         n_blocks: ``K``, the highest power in the series (``K + 1`` terms).
-        features: hidden channels of the regulariser CNN.
-        depth: convolutions of the regulariser CNN (>= 2).
+        features: hidden channels of the regulariser (its finest level for ``"unet"``).
+        depth: convolutions of the ``"cnn"`` regulariser (>= 2).
+        regularizer: ``"cnn"``, a plain stack of ``depth`` 3x3 convolutions (Gilton et al.'s
+            small CNN; it sees 7x7 pixels at depth 3), or ``"unet"``, a U-Net without
+            normalisation of ``levels`` halvings (:func:`models.blocks.image_unet`) that sees the
+            whole image. On 4x brain MRI, 600 steps each, the U-Net reached 23.96 dB against
+            22.79 dB for the CNN (32 features), at 1.1x the training time.
+        levels: halvings of the ``"unet"`` regulariser (>= 1).
         spatial_dims: 2 (a 2D CNN per slice) or 3 (a 3D CNN on the last three image dims
             ``(D, H, W)``, e.g. for ``CartesianMRI(mask, ndim=3)``).
         eta_init: initial ``η̃ = η ‖A‖²`` (learned).
@@ -101,6 +107,8 @@ class NeumannConfig:
     spatial_dims: int = 2
     eta_init: float = 1.0
     precondition: bool = False
+    regularizer: str = "cnn"
+    levels: int = 2
 
     def __post_init__(self) -> None:
         if self.n_blocks < 0:
@@ -110,6 +118,10 @@ class NeumannConfig:
         if self.depth < 2:
             raise ValueError(f"NeumannConfig.depth must be >= 2; found {self.depth}")
         check_spatial_dims(self.spatial_dims, "NeumannConfig")
+        if self.regularizer not in ("cnn", "unet"):
+            raise ValueError(f"NeumannConfig.regularizer must be 'cnn' or 'unet'; found {self.regularizer!r}")
+        if self.levels < 1:
+            raise ValueError(f"NeumannConfig.levels must be >= 1; found {self.levels}")
 
 
 class NeumannNet(nn.Module):
@@ -118,16 +130,19 @@ class NeumannNet(nn.Module):
     Args:
         config: the configuration (defaults when None).
         regularizer: the learned map ``R`` on images ``(..., *spatial)``, real or complex;
-            default a zero-initialised CNN of ``config.features`` and ``config.depth``.
+            default the zero-initialised network that ``config.regularizer`` names.
     """
 
     def __init__(self, config: NeumannConfig | None = None, regularizer: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config or NeumannConfig()
         c = self.config
-        self.regularizer = (
-            regularizer if regularizer is not None else image_cnn(c.features, c.depth, c.spatial_dims)
-        )
+        if regularizer is None:
+            if c.regularizer == "unet":
+                regularizer = image_unet(c.features, c.levels, c.spatial_dims)
+            else:
+                regularizer = image_cnn(c.features, c.depth, c.spatial_dims)
+        self.regularizer = regularizer
         self.eta = nn.Parameter(torch.tensor(float(c.eta_init)))
 
     def forward(self, y: torch.Tensor, op: LinearOperator) -> torch.Tensor:

@@ -31,7 +31,7 @@ from models.post import UNetPost, UNetPostConfig
 from models.unrolled import GDNetConfig, GradientDescentNet
 from models.varnet import VarNet, VarNetConfig
 
-__all__ = ["MODELS", "build_model", "save_model", "load_model", "ModelError"]
+__all__ = ["MODELS", "build_model", "model_module", "save_model", "load_model", "ModelError"]
 
 
 class ModelError(ValueError):
@@ -67,6 +67,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "varnet": _varnet,
 }
 
+#: Registry name -> the module that defines the network (its code is what training depends on).
+_MODULES: dict[str, str] = {
+    "unrolled_gd": GradientDescentNet.__module__,
+    "neumann": NeumannNet.__module__,
+    "modl": MoDL.__module__,
+    "unet_post": UNetPost.__module__,
+    "varnet": VarNet.__module__,
+}
+
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -79,6 +88,13 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         return MODELS[name](**(kwargs or {}))
     except TypeError as exc:
         raise ModelError(f"model '{name}': bad keyword arguments {kwargs}: {exc}") from exc
+
+
+def model_module(name: str) -> str:
+    """The module that defines the registered model ``name`` (e.g. ``models.neumann``)."""
+    if name not in _MODULES:
+        raise ModelError(f"unknown model '{name}'; expected one of {sorted(MODELS)}")
+    return _MODULES[name]
 
 
 def save_model(module: nn.Module, name: str, kwargs: dict[str, Any], directory: str | Path) -> Path:

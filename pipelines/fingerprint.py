@@ -6,6 +6,12 @@ every module of ``operators``, ``models`` and ``pipelines`` it imports, followed
 (imports inside functions included; the spec module counts, but not what it imports to validate a
 file). So editing the CLI's tables retrains nothing, editing a model redoes the stages that run
 models and not the phantoms, and editing an operator the recon stage uses redoes reconstruction.
+
+Models are counted one at a time (:data:`MODEL_LEAVES`): a train stage's code version follows the
+``models`` package only into the module of the model it trains, and recon's not at all (a learned
+method is identified by its trained model's version, whose train stage fingerprint holds that
+model's code). So editing the Neumann network retrains the Neumann network, not MoDL, and
+re-runs no classical method.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["code_version", "module_closure", "stage_fingerprint", "combine", "scan_seed"]
+__all__ = ["MODEL_LEAVES", "code_version", "module_closure", "stage_fingerprint", "combine", "scan_seed"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("operators", "models", "pipelines")
@@ -27,6 +33,9 @@ _PACKAGES = ("operators", "models", "pipelines")
 #: registry, the classical methods and the mask kinds only to validate a file, and that must not
 #: make every stage (the phantoms' too) depend on every model and solver.
 _LEAVES = frozenset({"pipelines.spec"})
+#: Leaves for the stages that run models: the ``models`` package's ``__init__`` and the registry
+#: import every network; a train stage adds its own model's module as a root instead.
+MODEL_LEAVES = ("models", "models.registry")
 
 
 def _module_file(name: str) -> Path | None:
@@ -58,8 +67,12 @@ def _imports(path: Path) -> set[str]:
 
 
 @functools.cache
-def module_closure(*roots: str) -> tuple[str, ...]:
-    """Every project module ``roots`` import, transitively, sorted (the roots included)."""
+def module_closure(*roots: str, leaves: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Every project module ``roots`` import, transitively, sorted (the roots included).
+
+    The modules in ``leaves`` (beside the spec) count, but their imports are not followed.
+    """
+    stop = _LEAVES | set(leaves)
     seen: set[str] = set()
     todo = [r for r in roots if _module_file(r) is not None]
     while todo:
@@ -69,19 +82,19 @@ def module_closure(*roots: str) -> tuple[str, ...]:
         seen.add(name)
         path = _module_file(name)
         assert path is not None
-        if name not in _LEAVES:
+        if name not in stop:
             todo.extend(_imports(path) - seen)
     return tuple(sorted(seen))
 
 
 @functools.cache
-def code_version(*roots: str) -> str:
-    """SHA-256 (16 hex digits) of the sources of :func:`module_closure` of ``roots``.
+def code_version(*roots: str, leaves: tuple[str, ...] = ()) -> str:
+    """SHA-256 (16 hex digits) of the sources of :func:`module_closure` of ``roots`` (and ``leaves``).
 
     With no roots, of every module of ``operators``, ``models`` and ``pipelines`` (a tag for runs).
     """
     modules = (
-        module_closure(*roots)
+        module_closure(*roots, leaves=leaves)
         if roots
         else tuple(
             ".".join(p.relative_to(ROOT).with_suffix("").parts)

@@ -30,7 +30,7 @@ from operators.recon import METHODS, reconstruct
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import ScanOutcome, process_units, progress_bar, summarise
-from pipelines.fingerprint import code_version
+from pipelines.fingerprint import MODEL_LEAVES, code_version
 from pipelines.methods import MethodRef, ResolvedMethod, resolve_model_uri
 from pipelines.physics import Acquisition
 from pipelines.spec import ReconStage, SolverOptions
@@ -49,8 +49,8 @@ __all__ = [
 
 
 def recon_code_version() -> str:
-    """The code version every reconstruction's fingerprint carries."""
-    return code_version(__name__)
+    """The code version every reconstruction's fingerprint carries (no model's code: see ``MODEL_LEAVES``)."""
+    return code_version(__name__, leaves=MODEL_LEAVES)
 
 
 class SlabResult(NamedTuple):

@@ -27,10 +27,11 @@ from typing import Any
 
 from rich.console import Console
 
+from models.registry import model_module
 from pipelines.context import StageContext
 from pipelines.embedded import ensure_ray, ray_address
 from pipelines.errors import PipelineError
-from pipelines.fingerprint import code_version, combine, stage_fingerprint
+from pipelines.fingerprint import MODEL_LEAVES, code_version, combine, stage_fingerprint
 from pipelines.lease import ArchiveLease
 from pipelines.preflight import archive_shape, check_memory, check_models, check_storage, check_tracking
 from pipelines.secrets import redact, redact_uri
@@ -109,6 +110,20 @@ def external_data_fingerprint(archive: Archive) -> str:
     return current.get(MEASUREMENTS) or current.get(SOURCE) or ""
 
 
+def stage_code_version(stage: Any) -> str:
+    """The code a stage's output depends on: its module's import closure, models counted one by one.
+
+    A train stage counts the module of the model it trains and no other network; recon counts
+    none (a learned method's identity is its trained model, see :data:`MODEL_LEAVES`).
+    """
+    module = STAGE_KINDS[stage.kind].module
+    if stage.kind == "train":
+        return code_version(module, model_module(stage.model.name), leaves=MODEL_LEAVES)
+    if stage.kind == "recon":  # the same as pipelines.recon.recon_code_version()
+        return code_version(module, leaves=MODEL_LEAVES)
+    return code_version(module)
+
+
 def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
     """Every stage with its fingerprint (see the module docstring), in order."""
     fingerprints: dict[str, str] = {}
@@ -121,7 +136,7 @@ def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
             upstream += [fingerprints[r.target] for r in stage.refs() if r.kind == "learned"]
         elif stage.kind == "evaluate":
             upstream += [fingerprints[s.name] for s in spec.stages[: len(out)] if s.kind == "recon"]
-        fp = stage_fingerprint(stage, upstream, spec.seed, code_version(kind.module))
+        fp = stage_fingerprint(stage, upstream, spec.seed, stage_code_version(stage))
         out.append(PlannedStage(stage, fp, data))
         fingerprints[stage.name] = fp
         if kind.role == "data":

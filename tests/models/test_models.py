@@ -409,3 +409,34 @@ def test_preconditioned_neumann_trains_end_to_end_on_ct() -> None:
     assert out.shape == (2, *op.in_shape) and not out.is_complex()
     _real_objective(out, seed=33).backward()
     _assert_gradients_everywhere(net, y)
+
+
+@pytest.mark.parametrize("kind", ["mri", "ct"])
+def test_neumann_with_a_unet_regulariser_starts_as_the_plain_series_and_trains_on_odd_sizes(kind: str):
+    """The U-Net regulariser is zero at initialisation (same output as the CNN form), takes sizes
+    that are not multiples of 2**levels, and every parameter gets a gradient, on complex and real images."""
+    shape = (15, 17)
+    op = CartesianMRI(_line_mask(shape, 0)) if kind == "mri" else ParallelBeam(shape, sparse_view_angles(12))
+    y = _measurements(op, 2, seed=41)
+    config = {"n_blocks": 2, "features": 4, "regularizer": "unet", "levels": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            build_model("neumann", config)(y, op), build_model("neumann", TINY["neumann"])(y, op)
+        )
+    net = _unzero(build_model("neumann", config), seed=42)
+    out = net(y, op)
+    assert out.shape == (2, *op.in_shape) and out.is_complex() == op.complex_in
+    _real_objective(out, seed=43).backward()
+    _assert_gradients_everywhere(net, y)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("regularizer", "resnet", "'cnn' or 'unet'; found 'resnet'"),
+        ("levels", 0, "levels must be >= 1; found 0"),
+    ],
+)
+def test_neumann_config_names_a_bad_regulariser(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_model("neumann", {field: value})

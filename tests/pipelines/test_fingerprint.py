@@ -62,3 +62,46 @@ def test_what_the_spec_imports_to_validate_does_not_become_every_stages_code():
     assert "pipelines.spec" in phantoms, "the spec's own source counts"
     assert not [m for m in phantoms + simulate if m.startswith("models")], "models do not make phantoms"
     assert "operators.recon" not in phantoms and "operators.recon" in module_closure("pipelines.recon")
+
+
+def test_a_train_stage_counts_its_own_model_and_recon_counts_none():
+    """Editing the Neumann network retrains it, not MoDL, and re-runs no classical reconstruction."""
+    from models import MODELS
+    from models.registry import model_module
+
+    assert {model_module(name) for name in MODELS} == {
+        "models.unrolled", "models.neumann", "models.modl", "models.post", "models.varnet",
+    }  # fmt: skip
+    neumann = set(module_closure("pipelines.train", "models.neumann", leaves=fingerprint.MODEL_LEAVES))
+    modl = set(module_closure("pipelines.train", "models.modl", leaves=fingerprint.MODEL_LEAVES))
+    assert "models.neumann" in neumann and "models.blocks" in neumann and "models.modl" not in neumann
+    assert "models.modl" in modl and "models.neumann" not in modl and "models.post" not in modl
+    assert "models.registry" in neumann, "the registry's own source still counts"
+    recon = set(module_closure("pipelines.recon", leaves=fingerprint.MODEL_LEAVES))
+    assert "operators.solvers" in recon and not {"models.neumann", "models.modl", "models.post"} & recon
+
+
+def test_pipeline_plan_gives_two_train_stages_code_versions_of_their_own_models():
+    from pipelines.runner import stage_code_version
+    from pipelines.spec import PipelineSpec
+
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "p",
+            "archive": {"path": "a"},
+            "stages": [
+                {
+                    "kind": "phantoms",
+                    "n_scans": 3,
+                    "shape": [8, 16, 16],
+                    "split": {"train": 1, "val": 1, "test": 1},
+                },
+                {"kind": "simulate", "modality": "mri", "mask": {"kind": "random_1d", "acceleration": 4}},
+                {"kind": "train", "name": "a", "model": {"name": "neumann"}},
+                {"kind": "train", "name": "b", "model": {"name": "modl"}},
+                {"kind": "train", "name": "c", "model": {"name": "neumann", "kwargs": {"n_blocks": 2}}},
+            ],
+        }
+    )
+    a, b, c = (stage_code_version(s) for s in spec.stages[2:])
+    assert a == c and a != b
