@@ -4,6 +4,7 @@ Never imports ray, mlflow or zarr (tests/test_layers.py checks). Modules:
 
 - ``linear``: the LinearOperator contract (forward, adjoint, normal, composition, norm)
 - ``fft``, ``mri``, ``masks``, ``noise``: Cartesian MRI, single- and multi-coil
+- ``coils``: coil sensitivity maps from a fully sampled k-space centre (ESPIRiT)
 - ``ct``: parallel- and fan-beam projectors with exact adjoints, FBP
 - ``solvers``, ``regularizers``, ``recon``: classical reconstruction by name
 - ``phantoms``, ``brain``, ``metrics``: seeded test volumes (random ellipsoids, brain-like heads),
@@ -15,6 +16,7 @@ __all__ = [
     "linear",
     "fft",
     "mri",
+    "coils",
     "masks",
     "noise",
     "ct",

@@ -274,6 +274,56 @@ def reprocess(
 
 
 @app.command()
+def ingest(
+    sources: Annotated[list[str], typer.Argument(help="Folders of scans (NIfTI files, DICOM series)")],
+    archive: Annotated[str, typer.Option("--archive", help="Archive path or URI; created if missing")],
+    format: Annotated[
+        str, typer.Option("--format", help="auto (.nii/.nii.gz as NIfTI, other files as DICOM), nifti, dicom")
+    ] = "auto",
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV with columns path (relative to the CSV) and optionally scan_id, split, labels, "
+            "modality: ingest exactly those files"
+        ),
+    ] = None,
+    modality: Annotated[str | None, typer.Option(help="mri or ct, for files that do not say (NIfTI)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split assignment (a hash of each scan ID)")] = 0,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow URI; default $MEDRECON_TRACKING_URI, else mlflow.db beside the archive"),
+    ] = None,
+    wait_for_lock: WaitOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Bring real scans into an archive: NIfTI files and DICOM series (de-identified), slab by slab.
+
+    Scan IDs: a manifest's scan_id, else a keyed hash of the DICOM study and series UIDs (key from
+    MEDRECON_DEID_KEY or the file MEDRECON_DEID_KEY_FILE names), else a hash of the NIfTI path.
+    Bad files are quarantined with a reason (exit code 3) and the others committed. Into an
+    existing archive, new scans are appended to the catalog and re-ingesting the same files does
+    nothing.
+    """
+    from pipelines.errors import SpecError
+    from pipelines.ingest import ingest_spec
+
+    try:
+        pipeline = ingest_spec(
+            list(sources),
+            archive,
+            fmt=format,
+            manifest=str(manifest) if manifest else None,
+            modality=modality,
+            seed=seed,
+            tracking_uri=tracking_uri,
+        )
+    except SpecError as exc:
+        _fail(exc, debug, EXIT_USAGE)
+        return
+    _execute(pipeline, debug, wait_for_lock)
+
+
+@app.command()
 def validate(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Check a pipeline file and print it with defaults filled in; runs nothing."""
     import yaml

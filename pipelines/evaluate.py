@@ -48,7 +48,7 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
     Raises:
         IntegrityError: a metric is NaN or infinite (named with the method).
     """
-    ref = archive.read_array(scan_id, "image")
+    ref = archive.read_array(scan_id, archive.reference_name(scan_id))
     rng = float(ref.max() - ref.min())
     scores: dict[str, dict[str, float]] = {}
     for method in methods:
@@ -91,7 +91,7 @@ def comparison_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref_vol = archive.read_array(scan_id, "image")  # (D, H, W)
+    ref_vol = archive.read_array(scan_id, archive.reference_name(scan_id))  # (D, H, W)
     d = ref_vol.shape[0] // 2 if slice_index is None else min(max(slice_index, 0), ref_vol.shape[0] - 1)
     ref = ref_vol[d]
     vmax = float(ref.max())

@@ -136,6 +136,10 @@ def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
             upstream += [fingerprints[r.target] for r in stage.refs() if r.kind == "learned"]
         elif stage.kind == "evaluate":
             upstream += [fingerprints[s.name] for s in spec.stages[: len(out)] if s.kind == "recon"]
+        elif stage.kind == "ingest":  # what the sources hold now: new files re-run it
+            from pipelines.ingest import source_listing
+
+            upstream.append(source_listing(stage.sources, stage.manifest))
         fp = stage_fingerprint(stage, upstream, spec.seed, stage_code_version(stage))
         out.append(PlannedStage(stage, fp, data))
         fingerprints[stage.name] = fp
@@ -194,7 +198,7 @@ def run_pipeline(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     console = console or Console()
     t_start = time.perf_counter()
-    creates = bool(spec.of_kind("phantoms"))
+    creates = bool(spec.of_kind("phantoms") or spec.of_kind("ingest"))
     check_storage(spec.archive.path, spec.archive.storage_options, creates=creates)
     _, _, archive_uri, is_local = locate(spec.archive.path, spec.archive.storage_options)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, archive_uri, is_local)

@@ -183,7 +183,7 @@ def simulate_mri_volume(
 
 def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed: int) -> dict[str, Any]:
     """Read one scan's image slab by slab, simulate, and write its measurements (see module docs)."""
-    image = archive.reader(scan_id, "image")  # lazy and verified: read slab by slab
+    image = archive.reader(scan_id, stage.image)  # lazy and verified: read slab by slab
     if len(image.shape) != 3:
         raise ShapeError(f"image must be a volume (D, H, W); found shape {image.shape}")
     depth, h, w = image.shape
@@ -206,7 +206,7 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
     sigma = simulate_volume(source, stage, acq, scan_id, seed, out.write, energy)
     arrays = {acq.measurement: out.record()}
     arrays |= {name: archive.write_array(scan_id, name, data, attrs) for name, data in acq.arrays().items()}
-    info: dict[str, Any] = {"arrays": arrays}
+    info: dict[str, Any] = {"arrays": arrays, "reference": stage.image}
     if acq.modality == "mri":
         assert acq.mask is not None
         return info | {"sampled_fraction": float(acq.mask.float().mean()), "noise_sigma": sigma}

@@ -52,6 +52,9 @@ __all__ = [
     "SplitSpec",
     "StageSpec",
     "PhantomStage",
+    "IngestStage",
+    "PreprocessStage",
+    "SplitFractions",
     "MaskSpec",
     "SimulateStage",
     "CTSpec",
@@ -134,6 +137,89 @@ class StageSpec(Spec):
     def _name_is_id(cls, v: str) -> str:
         if not _STAGE_NAME.match(v):
             raise ValueError(f"a stage name is 1-64 characters of [A-Za-z0-9_-]; found {v!r}")
+        return v
+
+
+class SplitFractions(Spec):
+    """Fractions of ingested scans per split, assigned by a seeded hash of each scan ID (sum 1)."""
+
+    train: float = Field(default=0.8, ge=0, le=1)
+    val: float = Field(default=0.1, ge=0, le=1)
+    test: float = Field(default=0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test must add up to 1; found {total:g}")
+        return self
+
+
+class IngestStage(StageSpec):
+    """Bring real scans into the archive (:mod:`pipelines.ingest`): NIfTI, DICOM series, fastMRI HDF5.
+
+    Every file or series under ``sources`` becomes a scan, or is quarantined with a named reason
+    while the others are committed. Ingesting into an existing archive appends to its catalog.
+    """
+
+    kind: Literal["ingest"]
+    sources: list[str] = Field(min_length=1, description="directories to ingest (local paths)")
+    format: Literal["auto", "nifti", "dicom"] = Field(
+        default="auto", description="auto: by file (.nii/.nii.gz NIfTI, anything else DICOM)"
+    )
+    manifest: str | None = Field(
+        default=None,
+        description="CSV with columns path (relative to the CSV's folder) and optionally scan_id, "
+        "split, labels, modality; only the listed files are ingested",
+    )
+    split: SplitFractions = Field(default_factory=SplitFractions)
+    modality: Literal["mri", "ct"] | None = Field(
+        default=None, description="for files that do not say (NIfTI); DICOM's Modality tag wins"
+    )
+    slab: int = Field(default=16, ge=1, description="slices written at a time (a worker holds one slab)")
+
+
+class PreprocessStage(StageSpec):
+    """Derive a new image from each scan's ``image`` with Dask arrays on Ray (:mod:`pipelines.preprocess`).
+
+    Steps run in this order, each optional: resample to ``spacing``, clip to the volume's
+    ``clip_percentiles``, normalise, then centre-crop or zero-pad to ``shape``. The result is
+    ``scans/<id>/<output>`` (``derived/<name>``); a simulate stage reads it with ``image: <output>``.
+    """
+
+    kind: Literal["preprocess"]
+    output: str = Field(default="derived/preprocessed", pattern=r"^derived/[A-Za-z0-9_.-]+$")
+    spacing: tuple[float, float, float] | None = Field(
+        default=None, description="target voxel size (mm) along (D, H, W); linear interpolation"
+    )
+    clip_percentiles: tuple[float, float] | None = Field(
+        default=None, description="(low, high) percentiles of the whole volume to clip to, e.g. [0.5, 99.5]"
+    )
+    normalize: Literal["zscore", "minmax"] | None = None
+    shape: tuple[int, int, int] | None = Field(
+        default=None, description="centre-crop or zero-pad to (D, H, W), e.g. even sizes for a U-Net"
+    )
+    slab: int = Field(default=16, ge=1, description="slices per Dask chunk and per written shard")
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0 <= v[0] < v[1] <= 100):
+            raise ValueError(f"expected 0 <= low < high <= 100; found {list(v)}")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing_positive(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"every spacing must be > 0; found {list(v)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _shape_positive(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError(f"every size must be >= 1; found {list(v)}")
         return v
 
 
@@ -224,6 +310,12 @@ class SimulateStage(StageSpec):
     ct: CTSpec | None = None
     slab: int | None = Field(default=None, ge=1, description="slices per slab; bounds a task's memory")
     num_cpus: float = Field(default=1.0, gt=0)
+    image: str = Field(
+        default="image",
+        pattern=r"^(image|derived/[A-Za-z0-9_.-]+)$",
+        description="the image to measure: image, or derived/<name> written by a preprocess stage; "
+        "it is the reference training and evaluation compare against",
+    )
 
     @model_validator(mode="after")
     def _modality_fields(self) -> SimulateStage:
@@ -478,7 +570,9 @@ STAGE_KINDS: Mapping[str, StageKind] = MappingProxyType(
     {
         k.kind: k
         for k in (
-            StageKind(PhantomStage, "pipelines.ingest", "data"),
+            StageKind(PhantomStage, "pipelines.phantoms", "data"),
+            StageKind(IngestStage, "pipelines.ingest", "data"),
+            StageKind(PreprocessStage, "pipelines.preprocess", "data"),
             StageKind(SimulateStage, "pipelines.simulate", "data"),
             StageKind(TrainStage, "pipelines.train", "train", per_scan=False),
             StageKind(ReconStage, "pipelines.recon", "recon"),
@@ -527,14 +621,28 @@ class PipelineSpec(Spec):
             if any(s.kind == stage.kind for s in self.stages if s is not stage):
                 raise ValueError(
                     f"a pipeline has at most one {stage.kind!r} stage: the archive holds one "
-                    f"{'image' if stage.kind == 'phantoms' else 'measurement'} per scan"
+                    f"{'measurement' if stage.kind == 'simulate' else 'image'} per scan"
                 )
             if first_use is not None:
                 raise ValueError(
                     f"data stage {stage.name!r} ({stage.kind}) comes after stage {first_use.name!r} "
-                    f"({first_use.kind}); put phantoms and simulate first"
+                    f"({first_use.kind}); put the data stages (phantoms or ingest, then simulate) first"
                 )
         kinds = [s.kind for s in self.stages]
+        if "preprocess" in kinds and any(
+            k in kinds and kinds.index(k) > kinds.index("preprocess") for k in ("phantoms", "ingest")
+        ):
+            raise ValueError("preprocess reads the images phantoms or ingest write: put it after them")
+        if (
+            "simulate" in kinds
+            and "preprocess" in kinds
+            and kinds.index("simulate") < kinds.index("preprocess")
+        ):
+            raise ValueError("put preprocess before simulate, and simulate it with image: <output>")
+        if "phantoms" in kinds and "ingest" in kinds:
+            raise ValueError("a pipeline has phantoms or ingest, not both: each writes the archive's images")
+        if "ingest" in kinds and "simulate" in kinds and kinds.index("simulate") < kinds.index("ingest"):
+            raise ValueError("simulate reads the images ingest writes: put ingest before simulate")
         if "phantoms" in kinds and "simulate" in kinds and kinds.index("simulate") < kinds.index("phantoms"):
             raise ValueError("simulate reads the images phantoms writes: put phantoms before simulate")
         self._check_methods()

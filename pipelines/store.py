@@ -106,6 +106,7 @@ CATALOG_SCHEMA = pa.schema(
         ("checksum", pa.string()),
         ("split", pa.string()),
         ("status", pa.string()),
+        ("ingested_at", pa.string()),
     ]
 )
 
@@ -130,8 +131,9 @@ def validate_scan_id(scan_id: str) -> str:
 
 
 def unit_of(name: str) -> str:
-    """The commit unit that owns array ``name``: ``source``, ``measurements`` or ``recon/<key>``."""
-    if name.startswith("recon/"):
+    """The commit unit that owns array ``name``: ``source``, ``measurements``, ``recon/<key>`` or
+    ``derived/<name>`` (an image a preprocess stage derived from ``image``)."""
+    if name.startswith(("recon/", "derived/")):
         return name
     if name not in _UNIT_OF:
         raise ArchiveError(f"array {name!r} belongs to no commit unit; expected one of {sorted(_UNIT_OF)}")
@@ -150,6 +152,9 @@ class CatalogRow:
     checksum: str
     split: str
     status: str = "ok"
+    ingested_at: str = (
+        ""  # ISO 8601 UTC, when ingest added the row (nightly retraining finds new scans by it)
+    )
 
 
 def record_digest(records: dict[str, dict[str, Any]]) -> str:
@@ -544,11 +549,43 @@ class Archive:
                 f"archive {self.uri} has no catalog.parquet; run a phantoms or ingest stage first"
             )
         with self.fs.open(path, "rb") as f:
-            table = pq.read_table(f, schema=CATALOG_SCHEMA)
+            table = pq.read_table(f)
+        known = set(CatalogRow.__dataclass_fields__)  # columns added later default (e.g. ingested_at)
         return [
-            CatalogRow(**{**row, "shape": tuple(row["shape"]), "spacing": tuple(row["spacing"])})
+            CatalogRow(
+                **{k: v for k, v in row.items() if k in known}
+                | {"shape": tuple(row["shape"]), "spacing": tuple(row["spacing"])}
+            )
             for row in table.to_pylist()
         ]
+
+    def append_catalog(self, rows: list[CatalogRow]) -> list[CatalogRow]:
+        """Add ``rows`` whose scan IDs the catalog lacks; existing rows are never rewritten.
+
+        A row for a scan ID already present is dropped, except that a quarantined row is replaced
+        when the same scan now ingested ``ok`` (a fixed file). Returns the rows added.
+        """
+        existing = self.catalog() if self.fs.exists(self._path("catalog.parquet")) else []
+        by_id = {r.scan_id: i for i, r in enumerate(existing)}
+        added = []
+        for row in rows:
+            i = by_id.get(row.scan_id)
+            if i is None:
+                by_id[row.scan_id] = len(existing)
+                existing.append(row)
+                added.append(row)
+            elif existing[i].status != "ok" and row.status == "ok":
+                existing[i] = row
+                added.append(row)
+        if added:
+            self.write_catalog(existing)
+        return added
+
+    def reference_name(self, scan_id: str) -> str:
+        """The image a scan's measurements were simulated from (``image``, or a ``derived/<name>``):
+        the reference that training, tuning and evaluation compare against."""
+        record = self.commit_record(MEASUREMENTS, scan_id) or {}
+        return str(record.get("reference") or "image")
 
     def scans(self, split: str = "all") -> list[str]:
         """Scan IDs of ``split`` ("train", "val", "test" or "all") with status ok, in catalog order."""

@@ -75,7 +75,7 @@ class SliceDataset:
         self.index: list[tuple[str, int]] = []
         shapes = set()
         for sid in self.scan_ids:
-            depth, *plane = archive.open_array(sid, "image").shape
+            depth, *plane = archive.open_array(sid, archive.reference_name(sid)).shape
             shapes.add(tuple(plane))
             self.index.extend((sid, d) for d in range(depth))
         if len(shapes) > 1:
@@ -94,7 +94,8 @@ class SliceDataset:
             self._cache.move_to_end(scan_id)
             return self._cache[scan_id]
         acq = Acquisition.from_archive(self.archive, scan_id)
-        item = (acq, acq.read(self.archive, scan_id), self.archive.read_array(scan_id, "image"))
+        reference = self.archive.read_array(scan_id, self.archive.reference_name(scan_id))
+        item = (acq, acq.read(self.archive, scan_id), reference)
         self._cache[scan_id] = item
         if len(self._cache) > self._cache_scans:
             self._cache.popitem(last=False)

@@ -52,7 +52,7 @@ def score_weight(
         z0 = max(0, depth // 2 - slices // 2)
         z1 = min(depth, z0 + slices)
         y = acq.read(archive, scan_id, z0, z1)
-        ref = archive.read_array(scan_id, "image", z0, z1)
+        ref = archive.read_array(scan_id, archive.reference_name(scan_id), z0, z1)
         image = reconstruct(method, y, acq.op, **options).image.abs().numpy()
         scores.append(psnr(image, ref, data_range=float(ref.max() - ref.min())))
     return float(np.mean(scores))

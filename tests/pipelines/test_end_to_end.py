@@ -95,7 +95,7 @@ def test_same_seed_gives_same_archive(first_run, tmp_path):
     """Determinism: phantoms, masks and k-space are identical for the same spec and seed."""
     root, spec, _ = first_run
     from pipelines.fanout import process_scan
-    from pipelines.ingest import write_phantom
+    from pipelines.phantoms import write_phantom
     from pipelines.simulate import simulate_scan
     from pipelines.store import SOURCE
 

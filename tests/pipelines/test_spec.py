@@ -91,7 +91,7 @@ def test_unknown_model_kwarg_and_method_list_the_choices(tmp_path, raw):
 
 
 def test_stage_kinds_come_from_one_registry():
-    assert list(STAGE_KINDS) == ["phantoms", "simulate", "train", "recon", "evaluate"]
+    assert list(STAGE_KINDS) == ["phantoms", "ingest", "preprocess", "simulate", "train", "recon", "evaluate"]
     assert STAGE_KINDS["recon"].runner().__module__ == "pipelines.recon"
     assert all(k.spec.model_fields["kind"].annotation.__args__ == (name,) for name, k in STAGE_KINDS.items())
 
@@ -104,6 +104,21 @@ def test_names_default_to_kinds_must_be_unique_and_kinds_may_repeat(raw):
     raw["stages"][3]["name"] = "model"
     with pytest.raises(Exception, match=r"stage names must be unique; \['model'\] appear more than once"):
         PipelineSpec.model_validate(raw)
+
+
+def test_images_come_from_phantoms_or_ingest_then_preprocess_then_simulate(raw):
+    ingest = {"kind": "ingest", "sources": ["data"]}
+    with pytest.raises(Exception, match="phantoms or ingest, not both"):
+        PipelineSpec.model_validate({**raw, "stages": [ingest, *raw["stages"]]})
+    pre = {"kind": "preprocess", "shape": [8, 16, 16]}
+    stages = [ingest, pre, {**raw["stages"][1], "image": "derived/preprocessed"}, *raw["stages"][2:]]
+    assert [s.kind for s in PipelineSpec.model_validate({**raw, "stages": stages}).stages][:3] == [
+        "ingest", "preprocess", "simulate",
+    ]  # fmt: skip
+    with pytest.raises(Exception, match="put preprocess before simulate"):
+        PipelineSpec.model_validate({**raw, "stages": [ingest, stages[2], pre, *stages[3:]]})
+    with pytest.raises(Exception, match="derived/"):
+        PipelineSpec.model_validate({**raw, "stages": [ingest, {**pre, "output": "other"}, *stages[2:]]})
 
 
 def test_data_stages_come_first_and_once(raw):
