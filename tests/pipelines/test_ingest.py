@@ -165,3 +165,38 @@ def test_splits_follow_a_seeded_hash_of_the_scan_id_in_the_spec_fractions():
     assert splits != [split_of(s, 1, fractions) for s in ids], "the seed matters"
     with pytest.raises(ValueError, match="add up to 1"):
         SplitFractions(train=0.5, val=0.2, test=0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_nifti_folder_spec_ingests_preprocesses_simulates_trains_reconstructs_and_evaluates(
+    ray_session, tmp_path
+):
+    """A tiny run of ``pipelines/specs/nifti_folder.yaml`` on the demo folder, only sizes overridden."""
+    from pipelines.sources.demo import write_demo_folder
+
+    manifest = write_demo_folder(tmp_path / "nifti", n=6, shape=(8, 30, 28), seed=1)
+    sets = [
+        f"archive.path={tmp_path / 'archive'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"ingest.sources=[{tmp_path / 'nifti'}]",
+        f"ingest.manifest={manifest}",
+        "preprocess.shape=[8, 32, 32]",
+        "neumann.epochs=2",
+        "neumann.model.kwargs={n_blocks: 2, features: 4, regularizer: unet, levels: 1}",
+        "recon.options.cs_tv={lam: [0.01], max_iter: 30}",
+    ]
+    out = medrecon("run", "pipelines/specs/nifti_folder.yaml", *[a for s in sets for a in ("--set", s)],
+                   ray=ray_session, tmp=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    archive = Archive(str(tmp_path / "archive"))
+    test_ids = archive.scans("test")
+    assert test_ids
+    for scan_id in archive.scans("all"):
+        pre = archive.read_array(scan_id, "derived/preprocessed")
+        assert pre.shape == (8, 32, 32) and -1e-6 <= pre.min() and pre.max() <= 1 + 1e-6  # min-max
+        assert archive.reference_name(scan_id) == "derived/preprocessed"
+    for scan_id in test_ids:
+        for key in ("zero_filled", "cs_tv"):
+            assert archive.read_array(scan_id, f"recon/{key}").shape == (8, 32, 32)
+    assert "nifti-folder-neumann.v1" in out.stdout  # the trained model reconstructed and was scored
