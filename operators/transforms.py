@@ -32,6 +32,7 @@ __all__ = [
     "resample_slab",
     "centre_offset",
     "crop_or_pad",
+    "on_grid",
     "histogram",
     "histogram_percentiles",
 ]
@@ -251,3 +252,16 @@ def histogram(block: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     index = (block.astype(np.float64).ravel() - lo) * (bins / (hi - lo))  # (n,) bin positions
     index = np.clip(index, 0, bins - 1, out=index).astype(np.intp)
     return np.bincount(index, minlength=bins)
+
+
+def on_grid(image: np.ndarray, reference_shape: Sequence[int]) -> np.ndarray:
+    """``image`` ``(..., H, W)`` centre-cropped (or zero-padded) to a reference's last two sizes.
+
+    Measured k-space is reconstructed on its acquisition grid (fastMRI knees: 640 x 368), while
+    the reference is on the reconstruction grid (320 x 320); fastMRI compares on the central crop,
+    with the same convention as here (rows ``(H - h) // 2`` on).
+    """
+    h, w = (int(n) for n in reference_shape[-2:])
+    if image.shape[-2:] == (h, w):
+        return image
+    return crop_or_pad(image, (*([None] * (image.ndim - 2)), h, w))

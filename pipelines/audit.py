@@ -54,30 +54,31 @@ def audit_methods(
     z0 = max(0, depth // 2 - spec.slices // 2)
     z1 = min(depth, z0 + spec.slices)
     y = acq.read(archive, scan_id, z0, z1)  # (s, *op.out_shape)
+    op = acq.slab_op(z0, z1)
     maps = {}
     for m in resolved:
         if m.model_uri is not None:
             model = load_model_uri(m.model_uri, tracking_uri)[0].eval()
             for p in model.parameters():
                 p.requires_grad_(False)
-            maps[m.key] = (_learned(model, acq.op), True)
+            maps[m.key] = (_learned(model, op), True)
         else:
-            maps[m.key] = (_classical(m, acq.op), False)
+            maps[m.key] = (_classical(m, op), False)
     out: dict[str, dict[str, float]] = {}
     worst_cases = []
     for key, (f, learned) in maps.items():
         if learned:
-            worst = worst_case_perturbation(f, y, acq.op, None, eps=spec.eps, steps=spec.steps, seed=0)
+            worst = worst_case_perturbation(f, y, op, None, eps=spec.eps, steps=spec.steps, seed=0)
             worst_cases.append(worst.perturbation)
             amplification = float(worst.amplification.max())
         else:
             amplification = 0.0
-        control = random_perturbation(f, y, acq.op, None, eps=spec.eps, trials=spec.trials, seed=1)
+        control = random_perturbation(f, y, op, None, eps=spec.eps, trials=spec.trials, seed=1)
         out[key] = {"amplification_random": float(control.amplification.max())}
         out[key]["amplification"] = max(amplification, out[key]["amplification_random"])
     for key, (f, learned) in maps.items():
         if not learned:  # the learned models' worst cases, applied to the classical method
             for r in worst_cases:
-                given = evaluate_perturbation(f, y, acq.op, None, r)
+                given = evaluate_perturbation(f, y, op, None, r)
                 out[key]["amplification"] = max(out[key]["amplification"], float(given.amplification.max()))
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from operators.metrics import nmse, psnr, ssim
+from operators.transforms import on_grid
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import IntegrityError
 from pipelines.fanout import fan_out, summarise
@@ -52,7 +53,7 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
     rng = float(ref.max() - ref.min())
     scores: dict[str, dict[str, float]] = {}
     for method in methods:
-        recon = archive.read_array(scan_id, f"recon/{method}")
+        recon = on_grid(archive.read_array(scan_id, f"recon/{method}"), ref.shape)
         values = {
             m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng))
             for m in metrics
@@ -113,7 +114,7 @@ def comparison_figure(
         axes[1, 0].axis("off")
     err_max = 0.25 * vmax
     for i, method in enumerate(methods, start=1):
-        rec = archive.read_array(scan_id, f"recon/{method}")[d]
+        rec = on_grid(archive.read_array(scan_id, f"recon/{method}")[d], ref.shape)
         axes[0, i].imshow(rec, cmap="gray", vmin=0, vmax=vmax)
         axes[0, i].set_title(f"{method}\nPSNR {psnr(rec, ref, data_range=vmax - float(ref.min())):.2f} dB")
         im = axes[1, i].imshow(np.abs(rec - ref), cmap="inferno", vmin=0, vmax=err_max)

@@ -1,14 +1,15 @@
-"""Real scans into the archive: NIfTI files and DICOM series, de-identified, slab by slab, on Ray.
+"""Real scans into the archive: NIfTI files, DICOM series (de-identified) and fastMRI k-space, on Ray.
 
 What happens, per ``ingest`` stage (or ``medrecon ingest`` command, which runs the same stage):
 
 1. **Discover** (driver, no pixel data read): every file or series under ``sources``
    (:mod:`pipelines.sources`), or exactly the files a manifest lists. ``format: auto`` takes
-   ``.nii``/``.nii.gz`` as NIfTI and every other file as DICOM.
+   ``.nii``/``.nii.gz`` as NIfTI, ``.h5`` as fastMRI and every other file as DICOM.
 2. **Name** each item: a manifest's ``scan_id``; for DICOM a keyed hash of the study and series
    UIDs (:func:`pipelines.sources.deid.keyed_scan_id`, key from ``MEDRECON_DEID_KEY`` or
-   ``MEDRECON_DEID_KEY_FILE``, never from the spec); for NIfTI ``nii-`` and a hash of the path
-   relative to its source (file names can hold patient names, so they are hashed, not stored).
+   ``MEDRECON_DEID_KEY_FILE``, never from the spec); for NIfTI ``nii-`` (fastMRI ``fmri-``) and a
+   hash of the path relative to its source (file names can hold patient names, so they are
+   hashed, not stored).
 3. **Write** (one Ray task per item): the task checks the item's files stay inside their source,
    hashes their bytes (the source checksum), opens the item and writes ``image`` (float32
    ``(D, H, W)``) and, from a manifest, ``labels``, one slab at a time: no task holds more
@@ -17,6 +18,12 @@ What happens, per ``ingest`` stage (or ``medrecon ingest`` command, which runs t
    its source checksum, so re-ingesting the same files is a no-op, and adding files to a source
    ingests only those. A bad item (:data:`pipelines.sources.base.REASONS`) is quarantined with
    its reason and the file's name; the others are committed.
+   A fastMRI file is measured k-space: it is written as the scan's measurements (``kspace`` in
+   the archive's layout, as acquired, the column ``mask``, and for multi-coil files ``coil_maps``
+   estimated per slice from the calibration lines by ESPIRiT, :mod:`operators.coils`), with its
+   ``reconstruction_rss``/``_esc`` as ``image``, the reference. So a pipeline reads it without a
+   simulate stage; evaluation centre-crops reconstructions to the reference's grid (320x320), as
+   fastMRI does.
 5. **Catalog** (driver): rows are appended with the ingestion time; rows already there are never
    rewritten. Splits come from the manifest, else from a seeded hash of the scan ID with the
    spec's fractions, so a scan keeps its split whatever else is ingested.
@@ -80,20 +87,37 @@ def _reader(fmt: str) -> Any:
         from pipelines.sources import dicom
 
         return dicom
-    raise SpecError(f"ingest: unknown format {fmt!r}; expected nifti or dicom")
+    if fmt == "fastmri":
+        from pipelines.sources import fastmri
+
+        return fastmri
+    raise SpecError(f"ingest: unknown format {fmt!r}; expected nifti, dicom or fastmri")
 
 
 def _is_nifti(path: str) -> bool:
     return path.lower().endswith(_NIFTI_SUFFIXES)
 
 
+def _is_hdf5(path: str) -> bool:
+    return path.lower().endswith((".h5", ".hdf5"))
+
+
+def _format_of(path: str) -> str:
+    return "nifti" if _is_nifti(path) else "fastmri" if _is_hdf5(path) else "dicom"
+
+
+_PREFIX = {"nifti": "nii", "fastmri": "fmri"}
+
+
 def discover(root: str, fmt: str) -> list[SourceItem]:
     """Items under ``root`` of format ``fmt`` (``auto``: NIfTI files, and DICOM series of the rest)."""
     if fmt != "auto":
         return list(_reader(fmt).discover(root))
-    items = list(_reader("nifti").discover(root))
-    dicom = [i for i in _reader("dicom").discover(root) if not any(_is_nifti(p) for p in i.paths)]
-    return items + dicom
+    items = list(_reader("nifti").discover(root)) + list(_reader("fastmri").discover(root))
+    others = [
+        i for i in _reader("dicom").discover(root) if not any(_is_nifti(p) or _is_hdf5(p) for p in i.paths)
+    ]
+    return items + others
 
 
 def source_listing(sources: list[str], manifest: str | None) -> str:
@@ -200,7 +224,7 @@ def plan_items(stage: IngestStage, seed: int) -> list[Planned]:
             path = row["path"]
             root = _root_of(path, roots)
             rel = os.path.relpath(path, root)
-            fmt = stage.format if stage.format != "auto" else ("nifti" if _is_nifti(path) else "dicom")
+            fmt = stage.format if stage.format != "auto" else _format_of(path)
             if fmt == "dicom" and os.path.isdir(path):  # a series folder
                 items = [
                     replace(i, paths=tuple(os.path.join(rel, p) for p in i.paths))
@@ -219,7 +243,7 @@ def plan_items(stage: IngestStage, seed: int) -> list[Planned]:
 
                         scan_id = keyed_scan_id(item.key, secret)
                     else:
-                        scan_id = path_scan_id("nii", item.key)
+                        scan_id = path_scan_id(_PREFIX[fmt], item.key)
                 validate_scan_id(scan_id)
                 split = (row.get("split") or "").strip() or split_of(scan_id, seed, stage.split)
                 modality = (row.get("modality") or "").strip() or stage.modality
@@ -233,7 +257,7 @@ def plan_items(stage: IngestStage, seed: int) -> list[Planned]:
                     secret = secret or _secret()
                     scan_id = keyed_scan_id(item.key, secret)
                 else:
-                    scan_id = path_scan_id("nii", item.key)
+                    scan_id = path_scan_id(_PREFIX[item.format], item.key)
                 planned.append(
                     Planned(root, item, scan_id, split_of(scan_id, seed, stage.split), stage.modality)
                 )
@@ -283,12 +307,73 @@ def _write_volume(archive: Archive, scan_id: str, name: str, volume: Any, slab: 
     return writer.record()
 
 
-def _write_item(archive: Archive, scan_id: str, *, planned: Planned, slab: int) -> dict[str, Any]:
-    """Open one item and write its image (and labels); the commit record's facts."""
+def _write_kspace(archive: Archive, scan_id: str, volume: Any, slab: int, fingerprint: str) -> dict[str, Any]:
+    """Write measured k-space (a fastMRI file) as the scan's measurements, and its reference as ``image``.
+
+    K-space ``(D, [C,] H, W)`` goes through :meth:`Acquisition.measured`, so it is stored as the
+    simulate stage stores it (the acquired columns only); multi-coil slabs get ESPIRiT maps, one
+    set per slice. The measurements are committed here (their fingerprint is the source's).
+    """
+    import torch
+
+    from operators.coils import estimate_sensitivities
+    from pipelines.physics import Acquisition
+    from pipelines.store import MEASUREMENTS
+
+    shape = tuple(int(n) for n in volume.shape)
+    depth, (h, w) = shape[0], shape[-2:]
+    coils = shape[1] if len(shape) == 4 else 1
+    cols = np.asarray(volume.extra["mask"], dtype=bool)
+    acq = Acquisition.measured(cols, (h, w), coils)
+    attrs = {**acq.attrs(), "producer": "ingest", "slab": slab, "source": volume.attrs}
+    kspace = archive.create_array(
+        scan_id, "kspace", acq.stored_shape(depth), np.complex64, slab=slab, attrs=attrs,
+        compress=False, slab_chunks=True,
+    )  # fmt: skip
+    maps = None
+    if coils > 1:
+        maps = archive.create_array(scan_id, "coil_maps", (depth, coils, h, w), np.complex64, slab=slab)
+    for z0 in range(0, depth, kspace.slab):
+        y = torch.from_numpy(np.ascontiguousarray(volume.read(z0, min(depth, z0 + kspace.slab))))
+        if maps is not None:
+            maps.write(z0, estimate_sensitivities(y, mask=cols).numpy())  # (S, C, H, W)
+        kspace.write(z0, acq.to_stored(y))
+    arrays = {"kspace": kspace.record(), "mask": archive.write_array(scan_id, "mask", acq.mask.numpy())}
+    if maps is not None:
+        arrays["coil_maps"] = maps.record()
+    out: dict[str, Any] = {}
+    reference = volume.extra.get("reference")
+    if reference is not None:
+        ref_attrs = {"spacing": list(volume.spacing), "modality": "mri", "grid": "reference"}
+        out["image"] = archive.write_array(scan_id, "image", np.asarray(reference, np.float32), ref_attrs)
+    archive.commit(
+        MEASUREMENTS,
+        scan_id,
+        fingerprint,
+        {"reference": "image", "noise_sigma": 0.0, "measured": True},
+        arrays,
+    )
+    return out
+
+
+def _write_item(
+    archive: Archive, scan_id: str, *, planned: Planned, slab: int, fingerprint: str = ""
+) -> dict[str, Any]:
+    """Open one item and write its image (and labels), or its k-space; the commit record's facts."""
     item = planned.item
     reader = _reader(item.format)
     try:
         volume = reader.open_item(planned.root, item)
+        if item.format == "fastmri":
+            arrays = _write_kspace(archive, scan_id, volume, slab, fingerprint)
+            return {
+                "arrays": arrays,
+                "checksum": record_digest(arrays),
+                "format": item.format,
+                "modality": "mri",
+                "shape": [int(volume.shape[0]), *(int(n) for n in volume.shape[-2:])],
+                "spacing": list(volume.spacing),
+            }
         if len(volume.shape) != 3:
             raise QuarantineError(
                 "not_3d", f"{item.paths[0]}: a volume of shape {tuple(volume.shape)}; expected (D, H, W)"
@@ -360,8 +445,8 @@ def ingest_item(archive: Archive, planned: Planned, slab: int) -> ScanOutcome:
         planned.scan_id,
         fingerprint,
         _write_item,
-        ["image", "labels"],
-        {"planned": planned, "slab": slab},
+        ["image", "labels", "kspace", "mask", "coil_maps"],
+        {"planned": planned, "slab": slab, "fingerprint": fingerprint},
         stage="ingest",
     )
 
@@ -391,7 +476,7 @@ def run(ctx: StageContext, stage: IngestStage, fingerprint: str) -> StageResult:
         raise SpecError(
             f"ingest stage {stage.name!r}: no files found in {stage.sources}"
             + (f" listed by {stage.manifest}" if stage.manifest else "")
-            + "; expected NIfTI (.nii, .nii.gz) or DICOM files"
+            + "; expected NIfTI (.nii, .nii.gz), fastMRI (.h5) or DICOM files"
         )
     outcomes = _fan_out(ctx, items, stage.slab)
     now = datetime.now(UTC).isoformat(timespec="seconds")

@@ -16,6 +16,10 @@ Stored layouts (archive layout version 2, :data:`pipelines.store.LAYOUT_VERSION`
 
 All operators act per 2D slice: ``CartesianMRI`` ``(S, H, W) -> (S, H, W)``, SENSE
 ``(S, H, W) -> (S, C, H, W)``, CT ``(S, H, W) -> (S, views, detectors)``.
+
+Coil maps are one set per scan ``(C, H, W)`` (simulated: the same coils for every slice), or one
+per slice ``(D, C, H, W)`` (measured k-space, maps estimated from each slice's calibration lines):
+then :meth:`Acquisition.slab_op` gives the operator of a slab, and ``op`` is slice 0's, for shapes.
 """
 
 from __future__ import annotations
@@ -80,6 +84,16 @@ def sampled_columns(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
     return cols if 0 < cols.size < m.shape[1] else None
 
 
+@dataclass(frozen=True)
+class _SliceMaps:
+    """Slices ``z0:z1`` of a scan's per-slice coil maps, read (and checked) on demand."""
+
+    reader: Any
+
+    def __call__(self, z0: int, z1: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.reader.read(z0, z1)))  # (S, C, H, W)
+
+
 @dataclass(frozen=True, eq=False)
 class Acquisition:
     """How one scan was measured.
@@ -90,11 +104,13 @@ class Acquisition:
         image_shape: ``(H, W)`` of a slice.
         coils: receive coils (1 for single-coil MRI and for CT).
         mask: the ``(H, W)`` sampling mask (MRI), else None.
-        maps: complex ``(C, H, W)`` coil sensitivities (SENSE), else None.
+        maps: complex ``(C, H, W)`` coil sensitivities (SENSE) shared by all slices, else None.
         columns: the stored k-space columns of a 1D Cartesian mask, else None (full k-space).
         ct: the CT settings (CT), else None.
         records: what the measurements' commit recorded of each array (read once; reads check it).
         noise_sigma: the complex noise standard deviation the measurements were simulated with (MRI).
+        slice_maps: for maps stored per slice ``(D, C, H, W)``, a reader of slices ``z0:z1`` of them
+            (they are read a slab at a time, never whole), else None.
     """
 
     modality: str
@@ -107,6 +123,7 @@ class Acquisition:
     ct: CTSpec | None = None
     records: dict[str, Any] = field(default_factory=dict)
     noise_sigma: float = 0.0
+    slice_maps: Any = None
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
@@ -123,6 +140,18 @@ class Acquisition:
         )
         maps = birdcage_maps((h, w), stage.coils) if stage.coils > 1 else None
         return cls("mri", mri_operator(mask, maps), (h, w), stage.coils, mask, maps, sampled_columns(mask))
+
+    @classmethod
+    def measured(cls, columns_mask: np.ndarray, image_shape: tuple[int, int], coils: int) -> Acquisition:
+        """The layout of measured Cartesian k-space: a column mask ``(W,)`` (whole lines, as fastMRI
+        samples), the slice shape and the coil count. Ingest writes through it; its coil maps, one
+        set per slice, are written beside it, so its ``op`` is not the scan's."""
+        h, w = image_shape
+        cols = np.asarray(columns_mask, dtype=bool).reshape(-1)
+        if cols.shape != (w,):
+            raise StageError(f"a column mask of {cols.shape[0]} entries for slices {h}x{w}; expected {w}")
+        mask = torch.from_numpy(np.broadcast_to(cols, (h, w)).copy())
+        return cls("mri", mri_operator(mask), (h, w), coils, mask, None, sampled_columns(mask))
 
     @classmethod
     def from_archive(cls, archive: Archive, scan_id: str) -> Acquisition:
@@ -152,14 +181,23 @@ class Acquisition:
                 f"{where}: stored with shape {tuple(arr.shape)}; expected (D, C={coils}, H, W) k-space"
             )
         mask = torch.from_numpy(archive.reader(scan_id, "mask", records.get("mask")).read())
-        maps = None
+        maps, slice_maps = None, None
         if coils > 1:
-            maps = torch.from_numpy(archive.reader(scan_id, "coil_maps", records.get("coil_maps")).read())
+            reader = archive.reader(scan_id, "coil_maps", records.get("coil_maps"))
+            if len(reader.shape) == 4:  # one set per slice: read a slab at a time
+                if reader.shape[0] != arr.shape[0]:
+                    raise ArchiveError(
+                        f"scans/{scan_id}/coil_maps: {reader.shape[0]} slices of maps for {arr.shape[0]} "
+                        "slices of k-space; expected one set of maps per slice"
+                    )
+                slice_maps = _SliceMaps(reader)
+            else:
+                maps = torch.from_numpy(reader.read())
         columns = cls._stored_columns(attrs, arr.shape[-1], w, where)
         sigma = float(commit.get("noise_sigma") or 0.0)
         return cls(
             "mri",
-            mri_operator(mask, maps),
+            mri_operator(mask, maps if slice_maps is None else slice_maps(0, 1)[0]),
             (h, w),
             coils,
             mask,
@@ -167,6 +205,7 @@ class Acquisition:
             columns,
             records=records,
             noise_sigma=sigma,
+            slice_maps=slice_maps,
         )
 
     @staticmethod
@@ -186,6 +225,19 @@ class Acquisition:
                 f"{where}: stored with {stored} columns but its 'columns' attribute lists {cols.size}"
             )
         return cols
+
+    @property
+    def per_slice(self) -> bool:
+        """Whether slices have operators of their own (coil maps stored ``(D, C, H, W)``)."""
+        return self.slice_maps is not None
+
+    def slab_op(self, z0: int, z1: int) -> LinearOperator:
+        """The operator of slices ``z0:z1``: ``op``, or with per-slice maps their batched SENSE."""
+        if self.slice_maps is None:
+            return self.op
+        assert self.mask is not None
+        maps = self.slice_maps(z0, z1)  # (S, C, H, W)
+        return mri_operator(self.mask.expand(maps.shape[0], *self.mask.shape), maps)
 
     def with_mask(self, mask: torch.Tensor) -> Acquisition:
         """The same MRI acquisition (coil maps, noise level) with another ``(H, W)`` mask, in memory."""
@@ -276,6 +328,11 @@ class Acquisition:
             StageError: the acquisitions mix modalities, image shapes, coil counts or CT geometries.
         """
         first = acquisitions[0]
+        if any(a.per_slice for a in acquisitions):
+            raise StageError(
+                f"training on {first.describe()} with coil maps estimated per slice (measured k-space) "
+                "is not supported yet; train on simulated measurements, or reconstruct these scans"
+            )
         for other in acquisitions[1:]:
             same = (other.modality, other.image_shape, other.coils) == (
                 first.modality,

@@ -241,8 +241,9 @@ class Reconstructor:
             for unit, (method, writer, log) in list(active.items()):
                 t0 = time.perf_counter()
                 try:
-                    out = self._slab(method, y, acq.op)
-                    log.add(time.perf_counter() - t0, out, y, acq.op)
+                    op = acq.slab_op(z0, z0 + y.shape[0])
+                    out = self._slab(method, y, op)
+                    log.add(time.perf_counter() - t0, out, y, op)
                     writer.write(z0, out.image)
                 except Exception as exc:  # this method fails on this scan; the others go on
                     results[unit] = exc

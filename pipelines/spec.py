@@ -164,8 +164,9 @@ class IngestStage(StageSpec):
 
     kind: Literal["ingest"]
     sources: list[str] = Field(min_length=1, description="directories to ingest (local paths)")
-    format: Literal["auto", "nifti", "dicom"] = Field(
-        default="auto", description="auto: by file (.nii/.nii.gz NIfTI, anything else DICOM)"
+    format: Literal["auto", "nifti", "dicom", "fastmri"] = Field(
+        default="auto",
+        description="auto: by file (.nii/.nii.gz NIfTI, .h5 fastMRI k-space, anything else DICOM)",
     )
     manifest: str | None = Field(
         default=None,

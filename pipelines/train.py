@@ -37,6 +37,7 @@ from models.registry import SPEC_FILE as MODEL_SPEC_FILE
 from models.registry import WEIGHTS_FILE, build_model, save_model
 from operators.linear import LinearOperator
 from operators.metrics import psnr
+from operators.transforms import on_grid
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import progress_bar
@@ -95,6 +96,12 @@ class SliceDataset:
             return self._cache[scan_id]
         acq = Acquisition.from_archive(self.archive, scan_id)
         reference = self.archive.read_array(scan_id, self.archive.reference_name(scan_id))
+        if tuple(reference.shape[-2:]) != tuple(acq.image_shape):
+            raise StageError(
+                f"scan {scan_id!r}: its reference is {reference.shape[-2]}x{reference.shape[-1]} but its "
+                f"measurements are {acq.describe()}; training needs references on the acquisition grid "
+                "(fastMRI references are centre crops: reconstruct and evaluate these scans instead)"
+            )
         item = (acq, acq.read(self.archive, scan_id), reference)
         self._cache[scan_id] = item
         if len(self._cache) > self._cache_scans:
@@ -159,7 +166,7 @@ def _validate(
     scores = []
     for sid in scan_ids:
         acq, y, ref = dataset.scan(sid)
-        scores.append(psnr(reconstruct_slices(model, y, acq.op, device=device), ref))
+        scores.append(psnr(on_grid(reconstruct_slices(model, y, acq.slab_op, device=device), ref.shape), ref))
     return float(np.mean(scores)) if scores else None
 
 

@@ -42,6 +42,7 @@ def score_weight(
 
     from operators.metrics import psnr
     from operators.recon import reconstruct
+    from operators.transforms import on_grid
     from pipelines.physics import Acquisition
 
     torch.set_num_threads(1)
@@ -53,7 +54,7 @@ def score_weight(
         z1 = min(depth, z0 + slices)
         y = acq.read(archive, scan_id, z0, z1)
         ref = archive.read_array(scan_id, archive.reference_name(scan_id), z0, z1)
-        image = reconstruct(method, y, acq.op, **options).image.abs().numpy()
+        image = on_grid(reconstruct(method, y, acq.slab_op(z0, z1), **options).image.abs().numpy(), ref.shape)
         scores.append(psnr(image, ref, data_range=float(ref.max() - ref.min())))
     return float(np.mean(scores))
 
