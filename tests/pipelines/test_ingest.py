@@ -8,6 +8,7 @@ with patient identifiers planted in every DICOM file) and by the libraries' own 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -255,3 +256,46 @@ def test_fastmri_kspace_ingests_as_measurements_and_cg_sense_beats_zero_filled_o
         for m in ("zero_filled", "cg_sense")
     }
     assert score["cg_sense"] > score["zero_filled"] + 3, score
+
+
+def test_the_libraries_own_real_files_ingest_as_nibabel_and_pydicom_read_them(ray_session, tmp_path):
+    """nibabel's anatomical.nii and example4d.nii.gz, pydicom's CT_small and MR_small, through the command."""
+    import nibabel as nib
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = tmp_path / "real"
+    src.mkdir()
+    nib_data = Path(nib.__file__).parent / "tests" / "data"
+    for name in ("anatomical.nii", "example4d.nii.gz"):
+        shutil.copy(nib_data / name, src / name)
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (src / name.split("_")[0]).mkdir()
+        shutil.copy(get_testdata_file(name, download=False), src / name.split("_")[0] / name)
+    out = medrecon(
+        "ingest", str(src), "--archive", str(tmp_path / "a"), ray=ray_session, tmp=tmp_path, env=ENV
+    )
+    assert out.returncode == 3, out.stderr[-3000:]  # the 4D file is refused, the others committed
+    archive = Archive(str(tmp_path / "a"))
+    rows = {r.scan_id: r for r in archive.catalog()}
+
+    anat = nib.as_closest_canonical(nib.load(src / "anatomical.nii"))
+    data = anat.get_fdata(dtype=np.float32)  # (x, y, z) in RAS
+    scan = path_scan_id("nii", "anatomical.nii")
+    image = archive.read_array(scan, "image")
+    assert image.shape == data.shape[::-1]
+    assert (image.min(), image.max()) == (data.min(), data.max())
+    np.testing.assert_allclose(rows[scan].spacing, anat.header.get_zooms()[::-1], rtol=1e-6)
+    assert "[not_3d]" in archive.quarantined(SOURCE)[path_scan_id("nii", "example4d.nii.gz")]
+
+    for name, modality in (("CT_small.dcm", "ct"), ("MR_small.dcm", "mri")):
+        ds = pydicom.dcmread(get_testdata_file(name, download=False))
+        pixels = ds.pixel_array * float(getattr(ds, "RescaleSlope", 1)) + float(
+            getattr(ds, "RescaleIntercept", 0)
+        )
+        scan = keyed_scan_id(f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}", KEY.encode())
+        image = archive.read_array(scan, "image")
+        assert image.shape == (1, ds.Rows, ds.Columns) and rows[scan].modality == modality
+        assert (image.min(), image.max()) == (pixels.min(), pixels.max())
+        np.testing.assert_allclose(rows[scan].spacing[1:], [float(v) for v in ds.PixelSpacing])
+        assert str(ds.PatientName) not in json.dumps(dict(archive.open_array(scan, "image").attrs))
