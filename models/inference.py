@@ -10,7 +10,7 @@ from torch import nn
 
 from operators.linear import LinearOperator
 
-__all__ = ["apply_slices", "reconstruct_slices"]
+__all__ = ["SliceOperator", "apply_slices", "reconstruct_slices"]
 
 
 SliceOperator = LinearOperator | Callable[[int, int], LinearOperator]

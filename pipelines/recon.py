@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from models.inference import apply_slices
+from models.inference import SliceOperator, apply_slices
 from operators.linear import LinearOperator
 from operators.recon import METHODS, reconstruct
 from pipelines.context import StageContext, StageResult
@@ -202,9 +202,13 @@ class Reconstructor:
 
                 self.models[m.model_uri] = load_model_uri(m.model_uri, tracking_uri, device)[0]
 
-    def _slab(self, method: ResolvedMethod, y: torch.Tensor, op: LinearOperator) -> SlabResult:
+    def _slab(
+        self, method: ResolvedMethod, y: torch.Tensor, op: LinearOperator, slices: SliceOperator
+    ) -> SlabResult:
+        """One method on one slab; ``op`` is the slab's operator, ``slices`` gives its sub-slabs'
+        (a network runs a few slices at a time, each with their own operator)."""
         if method.model_uri is not None:
-            return SlabResult(apply_slices(self.models[method.model_uri], y, op, device=self.device))
+            return SlabResult(apply_slices(self.models[method.model_uri], y, slices, device=self.device))
         return classical_slab(method.identity["method"], y, op, method.identity["options"])
 
     def reconstruct_scan(self, archive: Archive, scan_id: str, units: list[str]) -> dict[str, Any]:
@@ -242,7 +246,8 @@ class Reconstructor:
                 t0 = time.perf_counter()
                 try:
                     op = acq.slab_op(z0, z0 + y.shape[0])
-                    out = self._slab(method, y, op)
+                    slices = (lambda a, b, z0=z0: acq.slab_op(z0 + a, z0 + b)) if acq.per_slice else op
+                    out = self._slab(method, y, op, slices)
                     log.add(time.perf_counter() - t0, out, y, op)
                     writer.write(z0, out.image)
                 except Exception as exc:  # this method fails on this scan; the others go on

@@ -210,16 +210,18 @@ def test_fastmri_kspace_ingests_as_measurements_and_cg_sense_beats_zero_filled_o
 ):
     """A multi-coil fastMRI file (8 coils, equispaced 4x) in; its k-space stored as acquired, maps
     estimated per slice; reprocess reconstructs it; scored on the reference's 320x320 grid."""
+    from models.registry import build_model, save_model
     from operators.brain import brain_phantom
     from operators.metrics import psnr
     from operators.transforms import on_grid
     from pipelines.physics import Acquisition
+    from pipelines.tracking import MlflowTracker, register_model, start_pipeline_run
     from tests.sources.test_fastmri import write_fastmri_file
 
     src = tmp_path / "fastmri"
     src.mkdir()
     written = write_fastmri_file(
-        src / "file_brain_0001.h5", brain_phantom((8, 352, 336), seed=5).image, seed=5
+        src / "file_brain_0001.h5", brain_phantom((10, 352, 336), seed=5).image, seed=5
     )
     archive_dir = str(tmp_path / "archive")
     out = medrecon("ingest", str(src), "--archive", archive_dir, ray=ray_session, tmp=tmp_path)
@@ -230,24 +232,27 @@ def test_fastmri_kspace_ingests_as_measurements_and_cg_sense_beats_zero_filled_o
     acq = Acquisition.from_archive(archive, scan_id)
     assert acq.per_slice and acq.coils == 8 and acq.image_shape == (352, 336)
     kspace = archive.open_array(scan_id, "kspace")
-    assert kspace.shape[:3] == (8, 8, 352) and kspace.attrs["layout"] == "columns"  # acquired lines only
+    assert kspace.shape[:3] == (10, 8, 352) and kspace.attrs["layout"] == "columns"  # acquired lines only
     np.testing.assert_array_equal(acq.mask[0].numpy(), written.mask.astype(bool))
-    assert archive.open_array(scan_id, "coil_maps").shape == (8, 8, 352, 336)
+    assert archive.open_array(scan_id, "coil_maps").shape == (10, 8, 352, 336)
     reference = archive.read_array(scan_id, "image")
-    assert reference.shape == (8, 320, 320)
+    assert reference.shape == (10, 320, 320)
     assert "patient" not in str(dict(kspace.attrs)).lower()
 
+    # A registered network reconstructs it too: 10 slices, 8 a batch, each batch with its own maps.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_pipeline_run(uri, "models", "models", "fp", {})
+    kwargs = {"n_iter": 2, "features": 4}
+    save_model(build_model("unrolled_gd", kwargs), "unrolled_gd", kwargs, tmp_path / "m")
+    MlflowTracker(uri, run_id).log_model_dir(tmp_path / "m", "models/model")
+    model = register_model(uri, "tiny-gd", run_id, "models/model")
     out = medrecon(
-        "reprocess",
-        archive_dir,
-        "--method",
-        "zero_filled",
-        "--method",
-        "cg_sense",
-        ray=ray_session,
-        tmp=tmp_path,
-    )
+        "reprocess", archive_dir, "--method", "zero_filled", "--method", "cg_sense", "--method", model,
+        ray=ray_session, tmp=tmp_path,
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    learned = archive.read_array(scan_id, "recon/tiny-gd.v1")
+    assert learned.shape == (10, 352, 336) and np.isfinite(learned).all()
     rng = float(reference.max() - reference.min())
     score = {
         m: psnr(
@@ -255,6 +260,7 @@ def test_fastmri_kspace_ingests_as_measurements_and_cg_sense_beats_zero_filled_o
         )
         for m in ("zero_filled", "cg_sense")
     }
+    print("fastMRI 320x320 crop PSNR:", score)
     assert score["cg_sense"] > score["zero_filled"] + 3, score
 
 
