@@ -48,7 +48,7 @@ from pipelines.context import StageContext, StageResult
 from pipelines.errors import SpecError
 from pipelines.fanout import ScanOutcome, process_scan, progress_bar, summarise
 from pipelines.fingerprint import combine
-from pipelines.sources.base import QuarantineError, SourceItem
+from pipelines.sources.base import QuarantineError, SourceItem, resolve_inside
 from pipelines.spec import IngestStage
 from pipelines.store import SOURCE, Archive, CatalogRow, record_digest, validate_scan_id
 
@@ -270,25 +270,12 @@ def plan_items(stage: IngestStage, seed: int) -> list[Planned]:
     return unique
 
 
-def _inside(root: str, rel: str) -> str:
-    """The real path of ``root/rel``; QuarantineError unless it stays inside ``root``'s real path."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise QuarantineError(
-            "outside_source",
-            f"{rel}: resolves to a path outside the source directory {root} (through a symlink or '..'); "
-            "expected files inside the source",
-        )
-    return real
-
-
 def source_checksum(root: str, paths: tuple[str, ...]) -> str:
     """SHA-256 (20 hex digits) of the bytes of ``paths`` under ``root``, streamed 1 MiB at a time."""
     h = hashlib.sha256()
     for rel in paths:
         h.update(rel.encode())
-        with open(_inside(root, rel), "rb") as f:
+        with open(resolve_inside(root, rel), "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()[:20]

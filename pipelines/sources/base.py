@@ -16,12 +16,21 @@ modality, the format, and never a DICOM patient, study or institution attribute.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["REASONS", "QuarantineError", "SourceItem", "SourceVolume", "MAX_VOXELS"]
+__all__ = [
+    "REASONS",
+    "QuarantineError",
+    "SourceItem",
+    "SourceVolume",
+    "MAX_VOXELS",
+    "resolve_inside",
+    "walk_source",
+]
 
 #: Largest volume ingest accepts (voxels); a header claiming more is refused before any read.
 MAX_VOXELS = 4 * 1024**3
@@ -102,3 +111,65 @@ class Reader(Protocol):
     def discover(self, root: str) -> list[SourceItem]: ...
 
     def open_item(self, root: str, item: SourceItem) -> SourceVolume: ...
+
+
+def walk_source(root: str) -> tuple[list[str], list[str]]:
+    """Entries of a source directory, without reading any file.
+
+    Returns ``(files, escaping)``, both sorted POSIX paths relative to ``root``. ``files`` holds
+    every regular file and every link to a non-folder (in or out of the source, dangling included);
+    folders, and folder links whose target stays inside the source, are walked (each real folder
+    once, so link cycles end). ``escaping`` holds folder links whose target leaves the source; they
+    are not walked. Names starting with ``.`` (``.DS_Store``, ``.git``) are skipped.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+    """
+    real_root = os.path.realpath(root)
+    if not os.path.isdir(real_root):
+        raise FileNotFoundError(f"source root {root!r}: expected a directory, found none")
+    files: list[str] = []
+    escaping: list[str] = []
+    seen = {real_root}
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(os.path.join(root, rel_dir)) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if not entry.is_dir(follow_symlinks=True):
+                    files.append(rel)
+                    continue
+                real = os.path.realpath(entry.path)
+                if not _is_inside(real, real_root):
+                    escaping.append(rel)
+                elif real not in seen:
+                    seen.add(real)
+                    stack.append(rel)
+    return sorted(files), sorted(escaping)
+
+
+def resolve_inside(root: str, rel: str) -> str:
+    """The real path of ``root/rel``, checked to lie inside the real ``root``.
+
+    Raises:
+        QuarantineError: ``outside_source`` when links (or ``..``) lead out of the source;
+            ``unreadable`` when nothing exists there (e.g. a dangling link).
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, rel))
+    if not _is_inside(real, real_root):
+        raise QuarantineError(
+            "outside_source",
+            f"{rel}: resolves to {real}, outside the source {real_root}; expected a path inside the "
+            "source (copy the file in rather than linking to it)",
+        )
+    if not os.path.exists(real):
+        raise QuarantineError("unreadable", f"{rel}: expected a file, found nothing there (a dangling link?)")
+    return real
+
+
+def _is_inside(real: str, real_root: str) -> bool:
+    return os.path.commonpath([real, real_root]) == real_root

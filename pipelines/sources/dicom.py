@@ -1,7 +1,7 @@
 """DICOM series reader: one volume per series, slab by slab, de-identified.
 
 Discovery
-    :func:`discover` walks the source (see :func:`pipelines.sources.nifti.walk_source`; names
+    :func:`discover` walks the source (see :func:`pipelines.sources.base.walk_source`; names
     starting with ``.`` are skipped) and reads every file's header with
     ``dcmread(stop_before_pixels=True)``. Images are grouped by ``SeriesInstanceUID`` into one item
     each, ``key = "<StudyInstanceUID>/<SeriesInstanceUID>"`` (ingest turns it into
@@ -69,9 +69,15 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from pipelines.sources.base import MAX_VOXELS, QuarantineError, SourceItem, SourceVolume
+from pipelines.sources.base import (
+    MAX_VOXELS,
+    QuarantineError,
+    SourceItem,
+    SourceVolume,
+    resolve_inside,
+    walk_source,
+)
 from pipelines.sources.deid import assert_no_phi
-from pipelines.sources.nifti import resolve_inside, walk_source
 
 __all__ = ["ATTRIBUTE_WHITELIST", "MODALITIES", "discover", "open_item"]
 

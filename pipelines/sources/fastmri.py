@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.sources.base import MAX_VOXELS, QuarantineError, SourceItem, SourceVolume
+from pipelines.sources.base import MAX_VOXELS, QuarantineError, SourceItem, SourceVolume, resolve_inside
 
 __all__ = ["discover", "open_item", "center_crop", "header_geometry", "FILE_ATTRS", "REFERENCES"]
 
@@ -162,19 +162,6 @@ def header_geometry(xml: str | bytes) -> dict[str, Any]:
 
 
 # -- opening a file --------------------------------------------------------------------------------
-def _inside(root: str, rel: str) -> str:
-    """The real path of ``root/rel``; QuarantineError unless it stays inside ``root``'s real path."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise QuarantineError(
-            "outside_source",
-            f"{rel}: resolves to {real}, outside the source directory {root} (through a symlink or '..'); "
-            "expected files inside the source",
-        )
-    return real
-
-
 @dataclass(frozen=True)
 class _SlabReader:
     """``(z0, z1) -> kspace[z0:z1]`` as complex64, opening the file per call (picklable, no open handle)."""
@@ -336,7 +323,7 @@ def open_item(root: str, item: SourceItem) -> SourceVolume:
     import h5py
 
     rel = item.paths[0]
-    path = _inside(root, rel)
+    path = resolve_inside(root, rel)
     if not os.path.isfile(path):
         raise QuarantineError(
             "unreadable", f"{rel}: not a regular file (a dangling link?); expected a fastMRI .h5"

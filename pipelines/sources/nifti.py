@@ -38,11 +38,11 @@ empty, unsupported data type, singular affine), ``too_large`` (the header declar
 its end is decoded, so :meth:`SourceVolume.read` raises it), ``not_3d``, ``not_finite`` (raised by
 :meth:`SourceVolume.read` on the slab that holds NaN or Inf), and ``outside_source``.
 
-Links: :func:`walk_source` lists symlinked files like files, follows symlinked folders that stay in
+Links: ``walk_source`` lists symlinked files like files, follows symlinked folders that stay in
 the source, and lists a folder link that leaves it as an entry of its own. Both kinds of escape
 become items that :func:`open_item` quarantines as ``outside_source``, so nothing outside the
 source is ever read and the caller still gets a named item to quarantine. ``walk_source`` and
-:func:`resolve_inside` are shared with :mod:`pipelines.sources.dicom`.
+:func:`resolve_inside` live in :mod:`pipelines.sources.base`, shared by every reader and ingest.
 
 NIfTI does not record a modality: volumes are ``mri`` unless the caller overrides it.
 """
@@ -58,72 +58,21 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 
-from pipelines.sources.base import MAX_VOXELS, QuarantineError, SourceItem, SourceVolume
+from pipelines.sources.base import (
+    MAX_VOXELS,
+    QuarantineError,
+    SourceItem,
+    SourceVolume,
+    resolve_inside,
+    walk_source,
+)
 
-__all__ = ["SUFFIXES", "discover", "open_frames", "open_item", "resolve_inside", "walk_source"]
+__all__ = ["SUFFIXES", "discover", "open_frames", "open_item"]
 
 #: File names the NIfTI source picks up (compared case-insensitively).
 SUFFIXES = (".nii", ".nii.gz")
 
 _RAS = "RAS"
-
-
-def walk_source(root: str) -> tuple[list[str], list[str]]:
-    """Entries of a source directory, without reading any file.
-
-    Returns ``(files, escaping)``, both sorted POSIX paths relative to ``root``. ``files`` holds
-    every regular file and every link to a non-folder (in or out of the source, dangling included);
-    folders, and folder links whose target stays inside the source, are walked (each real folder
-    once, so link cycles end). ``escaping`` holds folder links whose target leaves the source; they
-    are not walked. Names starting with ``.`` (``.DS_Store``, ``.git``) are skipped.
-
-    Raises:
-        FileNotFoundError: ``root`` is not a directory.
-    """
-    real_root = os.path.realpath(root)
-    if not os.path.isdir(real_root):
-        raise FileNotFoundError(f"source root {root!r}: expected a directory, found none")
-    files: list[str] = []
-    escaping: list[str] = []
-    seen = {real_root}
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                if not entry.is_dir(follow_symlinks=True):
-                    files.append(rel)
-                    continue
-                real = os.path.realpath(entry.path)
-                if not _is_inside(real, real_root):
-                    escaping.append(rel)
-                elif real not in seen:
-                    seen.add(real)
-                    stack.append(rel)
-    return sorted(files), sorted(escaping)
-
-
-def resolve_inside(root: str, rel: str) -> str:
-    """The real path of ``root/rel``, checked to lie inside the real ``root``.
-
-    Raises:
-        QuarantineError: ``outside_source`` when links (or ``..``) lead out of the source;
-            ``unreadable`` when nothing exists there (e.g. a dangling link).
-    """
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, rel))
-    if not _is_inside(real, real_root):
-        raise QuarantineError(
-            "outside_source",
-            f"{rel}: resolves to {real}, outside the source {real_root}; expected a path inside the "
-            "source (copy the file in rather than linking to it)",
-        )
-    if not os.path.exists(real):
-        raise QuarantineError("unreadable", f"{rel}: expected a file, found nothing there (a dangling link?)")
-    return real
 
 
 def discover(root: str) -> list[SourceItem]:
@@ -206,10 +155,6 @@ def _header(
                 f"{declared} voxels x {dtype.itemsize} bytes)",
             )
     return rel, img, shape, spatial, n_frames
-
-
-def _is_inside(real: str, real_root: str) -> bool:
-    return os.path.commonpath([real, real_root]) == real_root
 
 
 def _load(path: str, rel: str) -> nib.Nifti1Image:
