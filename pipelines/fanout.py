@@ -39,6 +39,7 @@ __all__ = [
     "process_units",
     "quarantine",
     "fan_out",
+    "gather",
     "progress_bar",
     "summarise",
 ]
@@ -177,21 +178,27 @@ def fan_out(
     if memory:
         options["memory"] = memory
     task = ray.remote(process_scan).options(**options)
-    pending = {
-        task.remote(archive, unit, s, fingerprint, fn, list(outputs), kwargs, stage=stage): s
-        for s in scan_ids
-    }
-    outcomes: list[ScanOutcome] = []
+    refs = [
+        task.remote(archive, unit, s, fingerprint, fn, list(outputs), kwargs, stage=stage) for s in scan_ids
+    ]
+    return gather(refs, console, description or stage or unit)
+
+
+def gather(refs: Sequence[Any], console: Console, description: str) -> list[Any]:
+    """The results of Ray tasks ``refs``, in their order, with a progress bar advancing as each ends."""
+    import ray
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
     with progress_bar(console) as progress:
-        bar = progress.add_task(description or stage or unit, total=len(pending))
+        bar = progress.add_task(description, total=len(refs))
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=None)
             for ref in ready:
-                pending.pop(ref)
-                outcomes.append(ray.get(ref))
+                results[index[ref]] = ray.get(ref)
                 progress.advance(bar)
-    order = {s: i for i, s in enumerate(scan_ids)}
-    return sorted(outcomes, key=lambda o: order[o.scan_id])
+    return results
 
 
 def summarise(

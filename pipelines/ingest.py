@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.context import StageContext, StageResult
-from pipelines.errors import SpecError
-from pipelines.fanout import ScanOutcome, process_scan, progress_bar, summarise
+from pipelines.errors import IntegrityError, SpecError
+from pipelines.fanout import ScanOutcome, gather, process_scan, summarise
 from pipelines.fingerprint import combine
 from pipelines.sources.base import QuarantineError, SourceItem, resolve_inside
 from pipelines.spec import IngestStage
@@ -172,6 +172,23 @@ def _secret() -> bytes:
         ) from None
 
 
+class _ScanIds:
+    """The scan ID of an item without one from a manifest: a keyed hash of a DICOM series' UIDs (the
+    key read once, when the first DICOM item needs it), else a hash of the path."""
+
+    def __init__(self) -> None:
+        self._secret: bytes | None = None
+
+    def __call__(self, item: SourceItem) -> str:
+        if item.format != "dicom":
+            return path_scan_id(_PREFIX[item.format], item.key)
+        from pipelines.sources.deid import keyed_scan_id
+
+        if self._secret is None:
+            self._secret = _secret()
+        return keyed_scan_id(item.key, self._secret)
+
+
 def _read_manifest(path: str, sources: list[str]) -> list[dict[str, str]]:
     """Rows of a manifest CSV, paths made absolute (relative ones are relative to the CSV's folder)."""
     try:
@@ -217,7 +234,7 @@ def plan_items(stage: IngestStage, seed: int) -> list[Planned]:
     for root in roots:
         if not os.path.isdir(root):
             raise SpecError(f"ingest source {root}: not a directory; expected a folder of scans")
-    secret: bytes | None = None
+    scan_ids = _ScanIds()
     planned: list[Planned] = []
     if stage.manifest is not None:
         for row in _read_manifest(stage.manifest, roots):
@@ -235,39 +252,21 @@ def plan_items(stage: IngestStage, seed: int) -> list[Planned]:
             labels = os.path.relpath(row["labels"], root) if row["labels"] else None
             for item in items:
                 item = replace(item, label_path=labels)
-                scan_id = (row.get("scan_id") or "").strip()
-                if not scan_id:
-                    if fmt == "dicom":
-                        secret = secret or _secret()
-                        from pipelines.sources.deid import keyed_scan_id
-
-                        scan_id = keyed_scan_id(item.key, secret)
-                    else:
-                        scan_id = path_scan_id(_PREFIX[fmt], item.key)
-                validate_scan_id(scan_id)
+                scan_id = validate_scan_id((row.get("scan_id") or "").strip() or scan_ids(item))
                 split = (row.get("split") or "").strip() or split_of(scan_id, seed, stage.split)
                 modality = (row.get("modality") or "").strip() or stage.modality
                 planned.append(Planned(root, item, scan_id, split, modality))
     else:
         for root in roots:
             for item in discover(root, stage.format):
-                if item.format == "dicom":
-                    from pipelines.sources.deid import keyed_scan_id
-
-                    secret = secret or _secret()
-                    scan_id = keyed_scan_id(item.key, secret)
-                else:
-                    scan_id = path_scan_id(_PREFIX[item.format], item.key)
+                scan_id = scan_ids(item)
                 planned.append(
                     Planned(root, item, scan_id, split_of(scan_id, seed, stage.split), stage.modality)
                 )
-    seen: set[str] = set()
-    unique = []
+    first: dict[str, Planned] = {}
     for p in planned:  # the same series in two folders, or one file listed twice: ingest it once
-        if p.scan_id not in seen:
-            seen.add(p.scan_id)
-            unique.append(p)
-    return unique
+        first.setdefault(p.scan_id, p)
+    return list(first.values())
 
 
 def source_checksum(root: str, paths: tuple[str, ...]) -> str:
@@ -287,10 +286,11 @@ def _write_volume(archive: Archive, scan_id: str, name: str, volume: Any, slab: 
     writer = archive.create_array(scan_id, name, tuple(volume.shape), dtype, slab=slab, attrs=volume.attrs)
     for z0 in range(0, depth, writer.slab):
         z1 = min(depth, z0 + writer.slab)
-        data = np.asarray(volume.read(z0, z1))  # (z1 - z0, H, W)
-        if not np.isfinite(data).all():
-            raise QuarantineError("not_finite", f"slices {z0}:{z1} hold NaN or Inf; expected finite values")
-        writer.write(z0, data.astype(dtype, copy=False))
+        data = np.asarray(volume.read(z0, z1))  # (z1 - z0, H, W); readers raise not_finite themselves
+        try:
+            writer.write(z0, data.astype(dtype, copy=False))
+        except IntegrityError as exc:  # the writer's own NaN/Inf check, for any reader that has none
+            raise QuarantineError("not_finite", str(exc)) from None
     return writer.record()
 
 
@@ -306,6 +306,8 @@ def _write_kspace(archive: Archive, scan_id: str, volume: Any, slab: int, finger
     from operators.coils import estimate_sensitivities
     from pipelines.physics import Acquisition
     from pipelines.store import MEASUREMENTS
+
+    torch.set_num_threads(1)  # one task per CPU
 
     shape = tuple(int(n) for n in volume.shape)
     depth, (h, w) = shape[0], shape[-2:]
@@ -403,9 +405,6 @@ def ingest_item(archive: Archive, planned: Planned, slab: int) -> ScanOutcome:
     A scan already committed from the same bytes is skipped; one committed from other bytes is
     left as it is and reported (re-ingest a changed file under a new scan ID).
     """
-    import torch
-
-    torch.set_num_threads(1)
     item = planned.item
     t0 = time.perf_counter()
     try:
@@ -438,24 +437,6 @@ def ingest_item(archive: Archive, planned: Planned, slab: int) -> ScanOutcome:
     )
 
 
-def _fan_out(ctx: StageContext, items: list[Planned], slab: int) -> list[ScanOutcome]:
-    import ray
-
-    task = ray.remote(ingest_item).options(num_cpus=1, max_retries=2)
-    pending = {task.remote(ctx.archive, p, slab): p.scan_id for p in items}
-    outcomes = []
-    with progress_bar(ctx.console) as progress:
-        bar = progress.add_task("ingest", total=len(pending))
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                pending.pop(ref)
-                outcomes.append(ray.get(ref))
-                progress.advance(bar)
-    order = {p.scan_id: i for i, p in enumerate(items)}
-    return sorted(outcomes, key=lambda o: order[o.scan_id])
-
-
 def run(ctx: StageContext, stage: IngestStage, fingerprint: str) -> StageResult:
     """Ingest every item of the stage (see the module docstring); append the catalog."""
     items = plan_items(stage, ctx.spec.seed)
@@ -465,7 +446,10 @@ def run(ctx: StageContext, stage: IngestStage, fingerprint: str) -> StageResult:
             + (f" listed by {stage.manifest}" if stage.manifest else "")
             + "; expected NIfTI (.nii, .nii.gz), fastMRI (.h5) or DICOM files"
         )
-    outcomes = _fan_out(ctx, items, stage.slab)
+    import ray
+
+    task = ray.remote(ingest_item).options(num_cpus=1, max_retries=2)
+    outcomes = gather([task.remote(ctx.archive, p, stage.slab) for p in items], ctx.console, "ingest")
     now = datetime.now(UTC).isoformat(timespec="seconds")
     by_id = {p.scan_id: p for p in items}
     rows = []

@@ -11,6 +11,7 @@ expected. The check costs one CRC-32 pass over the bytes read (zlib, ~7 GB/s on 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,10 +22,11 @@ from pipelines.errors import ArchiveError, IntegrityError
 if TYPE_CHECKING:
     from pipelines.store import Archive
 
-__all__ = ["SlabWriter", "ArrayReader"]
+__all__ = ["SlabWriter", "ArrayReader", "slab_crc", "slab_record"]
 
 
-def _crc(block: np.ndarray) -> int:
+def slab_crc(block: np.ndarray) -> int:
+    """CRC-32 of a slab's bytes, C order: what :class:`SlabWriter` records for it."""
     return zlib.crc32(memoryview(np.ascontiguousarray(block)).cast("B"))
 
 
@@ -78,23 +80,35 @@ class SlabWriter:
             )
         self.array[z0:z1] = data
         for start in range(z0, z1, self.slab):
-            self._crcs[start // self.slab] = _crc(data[start - z0 : start - z0 + self.slab])
+            self._crcs[start // self.slab] = slab_crc(data[start - z0 : start - z0 + self.slab])
 
     def record(self) -> dict[str, Any]:
         """``{shape, dtype, slab, crc32}``: what was written, for the commit record."""
-        n = -(-self.shape[0] // self.slab) if self.shape else 0
-        missing = [i for i in range(n) if i not in self._crcs]
-        if missing:
-            raise ArchiveError(
-                f"{self.where}: slabs {missing[:10]} (of {self.slab} slices) were never written; "
-                "a stage must write every slab before it commits"
-            )
-        return {
-            "shape": list(self.shape),
-            "dtype": str(self.array.dtype),
-            "slab": self.slab,
-            "crc32": [self._crcs[i] for i in range(n)],
-        }
+        return slab_record(self.shape, self.array.dtype, self.slab, self._crcs, self.where)
+
+
+def slab_record(
+    shape: Sequence[int], dtype: Any, slab: int, crcs: Mapping[int, int], where: str
+) -> dict[str, Any]:
+    """``{shape, dtype, slab, crc32}`` from per-slab CRCs, what :meth:`SlabWriter.record` returns;
+    writers that compute the CRCs elsewhere (one task per slab) build it with this.
+
+    Raises:
+        ArchiveError: a slab has no CRC (it was never written), naming ``where`` and the slabs.
+    """
+    n = -(-int(shape[0]) // slab) if len(shape) else 0
+    missing = [i for i in range(n) if i not in crcs]
+    if missing:
+        raise ArchiveError(
+            f"{where}: slabs {missing[:10]} (of {slab} slices) were never written; "
+            "a stage must write every slab before it commits"
+        )
+    return {
+        "shape": [int(s) for s in shape],
+        "dtype": str(np.dtype(dtype)),
+        "slab": int(slab),
+        "crc32": [int(crcs[i]) for i in range(n)],
+    }
 
 
 class ArrayReader:
@@ -157,7 +171,7 @@ class ArrayReader:
             ) from exc
         for i in range(first, last + 1):
             part = block[i * slab - start : (i + 1) * slab - start]
-            found, expected = _crc(part), self.record["crc32"][i]
+            found, expected = slab_crc(part), self.record["crc32"][i]
             if found != expected:
                 raise IntegrityError(
                     f"{self.where}: {self._describe(i, slab)} does not match its commit "

@@ -50,7 +50,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,6 +71,7 @@ from operators.transforms import (
     resampled_size,
 )
 from pipelines.errors import ArchiveError
+from pipelines.integrity import slab_crc, slab_record
 from pipelines.store import SOURCE, Archive
 
 if TYPE_CHECKING:  # the stage's own imports stay light: Ray workers import this module for its tasks
@@ -81,8 +81,6 @@ if TYPE_CHECKING:  # the stage's own imports stay light: Ray workers import this
 
 __all__ = [
     "Plan",
-    "slab_crc",
-    "slab_record",
     "source_spacing",
     "make_plan",
     "resampled_array",
@@ -94,35 +92,6 @@ __all__ = [
 
 Shape3 = tuple[int, int, int]
 Spacing3 = tuple[float, float, float]
-
-
-# -- integrity records -----------------------------------------------------------------------------
-def slab_crc(block: np.ndarray) -> int:
-    """CRC-32 of a slab's bytes, C order: what :class:`SlabWriter` records for it."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(block)).cast("B"))
-
-
-def slab_record(
-    shape: Sequence[int], dtype: Any, slab: int, crcs: Mapping[int, int], where: str
-) -> dict[str, Any]:
-    """``{shape, dtype, slab, crc32}`` from per-slab CRCs, as :meth:`SlabWriter.record` builds it.
-
-    Raises:
-        ArchiveError: a slab has no CRC (it was never written), naming ``where`` and the slabs.
-    """
-    n = -(-int(shape[0]) // slab) if len(shape) else 0
-    missing = [i for i in range(n) if i not in crcs]
-    if missing:
-        raise ArchiveError(
-            f"{where}: slabs {missing[:10]} (of {slab} slices) were never written; "
-            "a stage must write every slab before it commits"
-        )
-    return {
-        "shape": [int(s) for s in shape],
-        "dtype": str(np.dtype(dtype)),
-        "slab": int(slab),
-        "crc32": [int(crcs[i]) for i in range(n)],
-    }
 
 
 # -- the plan of one scan --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ A fastMRI file (https://fastmri.org, ``data/mri_data.py`` of the fastMRI reposit
   columns that were not acquired;
 * ``mask`` (test and challenge files only): the column mask ``(W,)``;
 * ``reconstruction_rss`` (multi-coil) or ``reconstruction_esc`` (single-coil): float32 reference
-  images ``(slices, 320, 320)``, the centre crop (:func:`center_crop`) of the fully sampled
+  images ``(slices, 320, 320)``, the centre crop (:func:`operators.transforms.on_grid`) of the fully sampled
   reconstruction;
 * ``ismrmrd_header``: the ISMRMRD XML header (a bytes string); file attributes ``acquisition``,
   ``max``, ``norm``, ``patient_id`` (hashed) and, in test files, ``acceleration`` and
@@ -34,9 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.sources.base import MAX_VOXELS, QuarantineError, SourceItem, SourceVolume, resolve_inside
+from pipelines.sources.base import (
+    MAX_VOXELS,
+    QuarantineError,
+    SourceItem,
+    SourceVolume,
+    resolve_inside,
+    walk_source,
+)
 
-__all__ = ["discover", "open_item", "center_crop", "header_geometry", "FILE_ATTRS", "REFERENCES"]
+__all__ = ["discover", "open_item", "header_geometry", "FILE_ATTRS", "REFERENCES"]
 
 #: File attributes copied into ``attrs`` (acquisition protocol, intensity scale, test-set sampling).
 FILE_ATTRS = ("acquisition", "max", "norm", "acceleration", "num_low_frequency")
@@ -52,40 +59,14 @@ _MAX_HEADER_BYTES = 1 << 20
 
 
 def discover(root: str) -> list[SourceItem]:
-    """Every ``.h5`` file under ``root`` (symlinked files included, symlinked folders not followed).
+    """Every ``.h5``/``.hdf5`` file under ``root``, walked as :func:`~pipelines.sources.base.walk_source`
+    walks (symlinked files included; folder links followed only while they stay in the source).
 
     Each item's key and only path is the file's path relative to ``root``, with ``/`` separators.
     No file is opened: a bad file is quarantined by :func:`open_item`.
     """
-    items = []
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(files):
-            if name.lower().endswith(".h5"):
-                rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
-                items.append(SourceItem("fastmri", (rel,), rel))
-    return sorted(items, key=lambda i: i.key)
-
-
-def center_crop(x: Any, shape: tuple[int, int]) -> Any:
-    """The central ``shape = (h, w)`` of the last two axes of ``x`` (numpy array or torch tensor).
-
-    fastMRI's convention, so crops match its references: rows ``(H - h) // 2`` to ``+ h`` and
-    columns ``(W - w) // 2`` to ``+ w``; the crop keeps the image origin ``N // 2`` at ``n // 2``
-    when ``N - n`` is even. Use it to compare a reconstruction ``(..., H, W)`` with
-    ``extra["reference"]`` ``(D, 320, 320)``. Returns a view.
-
-    Raises:
-        ValueError: ``x`` has fewer than two axes, or ``shape`` is larger than them.
-    """
-    h, w = (int(s) for s in shape)
-    if x.ndim < 2 or not (1 <= h <= x.shape[-2] and 1 <= w <= x.shape[-1]):
-        raise ValueError(
-            f"center_crop: shape (h, w) must be positive and at most the last two axes of x; found shape "
-            f"{(h, w)} for x of shape {tuple(x.shape)}"
-        )
-    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., top : top + h, left : left + w]
+    files, _ = walk_source(root)  # folder links leaving the source: the NIfTI reader lists them
+    return [SourceItem("fastmri", (rel,), rel) for rel in files if rel.lower().endswith((".h5", ".hdf5"))]
 
 
 # -- the ISMRMRD header ----------------------------------------------------------------------------

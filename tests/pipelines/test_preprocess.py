@@ -29,7 +29,8 @@ from operators.transforms import (
 )
 from pipelines.context import StageContext
 from pipelines.errors import IntegrityError
-from pipelines.preprocess import make_plan, run, slab_crc, slab_record, source_spacing
+from pipelines.integrity import slab_crc, slab_record
+from pipelines.preprocess import make_plan, run, source_spacing
 from pipelines.spec import PipelineSpec, PreprocessStage
 from pipelines.store import SOURCE, Archive, CatalogRow
 from pipelines.tracking import MlflowTracker, start_pipeline_run

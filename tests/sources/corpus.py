@@ -46,6 +46,7 @@ __all__ = [
     "read_all",
     "uid",
     "write_bad_corpus",
+    "bad_corpus_of",
     "write_dicom",
     "write_good_dicom",
     "write_good_nifti",
@@ -485,3 +486,12 @@ def write_bad_corpus(directory: str | Path) -> dict[str, str]:
     bad = {f"nifti/{k}": v for k, v in _bad_nifti(directory / "nifti", outside).items()}
     bad.update({f"dicom/{k}": v for k, v in _bad_dicom(directory / "dicom", outside).items()})
     return bad
+
+
+def bad_corpus_of(directory: str | Path, fmt: str) -> tuple[Path, dict[str, str]]:
+    """:func:`write_bad_corpus` into ``directory``; the root of format ``fmt`` and its ``{key: reason}``."""
+    expected = write_bad_corpus(directory)
+    prefix = f"{fmt}/"
+    return Path(directory) / fmt, {
+        k.removeprefix(prefix): v for k, v in expected.items() if k.startswith(prefix)
+    }

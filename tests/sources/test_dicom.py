@@ -23,7 +23,7 @@ from pipelines.sources.deid import (
     load_secret,
 )
 from pipelines.store import validate_scan_id
-from tests.sources.corpus import PHI_STRINGS, quarantine_of, read_all, write_bad_corpus, write_good_dicom
+from tests.sources.corpus import PHI_STRINGS, bad_corpus_of, quarantine_of, read_all, write_good_dicom
 
 #: Keys the reader computes; every other key of attrs must be a whitelisted DICOM keyword.
 COMPUTED = {
@@ -59,11 +59,7 @@ def good(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
-    expected = write_bad_corpus(directory)
-    return directory / "dicom", {
-        k.removeprefix("dicom/"): v for k, v in expected.items() if k.startswith("dicom/")
-    }
+    return bad_corpus_of(tmp_path_factory.mktemp("corpus"), "dicom")
 
 
 def _by_path(root) -> dict[str, SourceItem]:

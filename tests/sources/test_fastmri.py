@@ -28,8 +28,9 @@ from operators.metrics import psnr
 from operators.mri import birdcage_maps, sense
 from operators.phantoms import random_ellipsoids
 from operators.recon import reconstruct
+from operators.transforms import on_grid
 from pipelines.sources.base import QuarantineError, SourceItem
-from pipelines.sources.fastmri import center_crop, discover, header_geometry, open_item
+from pipelines.sources.fastmri import discover, header_geometry, open_item
 
 GRID = (384, 336)  # (H, W) of k-space: read-out over-sampled like fastMRI's 640, phase 336 (fastMRI: 368)
 RECON = (320, 320)  # fastMRI's reference grid
@@ -119,7 +120,7 @@ def write_fastmri_file(
     full = full + noise * torch.randn(full.shape, generator=g, dtype=torch.complex64)
     images = ifftc(full, 2)
     rss = images.abs().pow(2).sum(1).sqrt() if coils > 1 else images.abs()  # (D, H, W)
-    reference = np.ascontiguousarray(center_crop(rss.numpy(), recon)).astype(np.float32)  # (D, *recon)
+    reference = np.ascontiguousarray(on_grid(rss.numpy(), recon)).astype(np.float32)  # (D, *recon)
     mask = equispaced_mask(w, acceleration, center_fraction, seed)  # (W,)
     kspace = (full * torch.from_numpy(mask)).numpy().astype(np.complex64)  # zero in unsampled columns
     header = HEADER.format(
@@ -261,14 +262,13 @@ def test_single_coil_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.extra["reference"], written.reference)
 
 
-def test_center_crop_follows_fastmri() -> None:
+def test_reference_grid_crop_follows_fastmri() -> None:
     x = np.arange(7 * 6).reshape(7, 6)
-    np.testing.assert_array_equal(center_crop(x, (3, 2)), x[2:5, 2:4])  # offsets (7-3)//2, (6-2)//2
-    assert center_crop(torch.zeros(2, 384, 336), RECON).shape == (2, *RECON)
-    with pytest.raises(
-        ValueError, match=r"at most the last two axes of x; found shape \(8, 2\) for x of shape \(7, 6\)"
-    ):
-        center_crop(x, (8, 2))
+    np.testing.assert_array_equal(on_grid(x, (3, 2)), x[2:5, 2:4])  # offsets (7-3)//2, (6-2)//2
+    assert on_grid(np.zeros((2, 384, 336)), RECON).shape == (2, *RECON)
+    padded = on_grid(x, (8, 2))  # a grid larger than the image: zero rows at the end
+    np.testing.assert_array_equal(padded[:7], x[:, 2:4])
+    assert not padded[7:].any()
 
 
 def test_header_geometry_with_and_without_namespace() -> None:
@@ -353,9 +353,7 @@ def test_a_symlink_leaving_the_source_is_quarantined(tmp_path: Path, brain_file:
     (root / "escape.h5").symlink_to(brain_file.path)
     items = discover(str(root))
     assert [i.key for i in items] == ["escape.h5"]  # found, so that it is reported, not silently skipped
-    with pytest.raises(
-        QuarantineError, match=r"escape.h5: resolves to .*outside the source"
-    ) as caught:
+    with pytest.raises(QuarantineError, match=r"escape.h5: resolves to .*outside the source") as caught:
         open_item(str(root), items[0])
     assert caught.value.reason == "outside_source"
 
@@ -378,8 +376,8 @@ def test_cg_sense_with_estimated_maps_beats_zero_filled_on_the_reference_grid(br
         torch.set_num_threads(threads)
     zero_filled = ifftc(kspace, 2).abs().pow(2).sum(1).sqrt()  # RSS of the zero-filled coil images, (D, H, W)
     reference = vol.extra["reference"]  # (D, 320, 320)
-    p_zf = psnr(center_crop(zero_filled, RECON), reference)
-    p_cg = psnr(center_crop(recon, RECON), reference)
+    p_zf = psnr(on_grid(zero_filled.numpy(), RECON), reference)
+    p_cg = psnr(on_grid(np.asarray(recon), RECON), reference)
     print(f"PSNR on the 320 x 320 crop: cg_sense {p_cg:.2f} dB, zero-filled RSS {p_zf:.2f} dB")
     assert p_cg > p_zf + 3, (p_cg, p_zf)
     assert p_cg > 25, p_cg

@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.sources import nifti
 from pipelines.sources.base import QuarantineError, SourceItem
-from tests.sources.corpus import quarantine_of, read_all, write_bad_corpus, write_good_nifti
+from tests.sources.corpus import bad_corpus_of, quarantine_of, read_all, write_good_nifti
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -35,11 +35,7 @@ def good(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
-    expected = write_bad_corpus(directory)
-    return directory / "nifti", {
-        k.removeprefix("nifti/"): v for k, v in expected.items() if k.startswith("nifti/")
-    }
+    return bad_corpus_of(tmp_path_factory.mktemp("corpus"), "nifti")
 
 
 def test_anatomical_nii_reads_as_nibabel_canonical_volume():
