@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from operators.errors import ShapeError
 
-__all__ = ["psnr", "nmse", "ssim", "ssim3d"]
+__all__ = ["psnr", "nmse", "ssim", "ssim3d", "score"]
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -101,3 +101,19 @@ def ssim3d(
     if a.ndim != 3 or min(a.shape) < win:
         raise ShapeError(f"ssim3d needs (D, H, W) with every size >= {win}; found {tuple(a.shape)}")
     return float(_ssim_map(a[None], b[None], _range(b, data_range), 3, win).mean())
+
+
+def score(
+    x: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, metrics: list[str]
+) -> dict[str, float]:
+    """``{metric: value}`` of ``x`` against ``ref`` for ``psnr``, ``ssim`` and ``nmse``; PSNR and SSIM
+    use the reference's range."""
+    data_range = _range(_as_tensor(ref), None)
+    funcs = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
+    unknown = [m for m in metrics if m not in funcs]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; expected any of {sorted(funcs)}")
+    return {
+        m: funcs[m](x, ref) if m == "nmse" else funcs[m](x, ref, data_range=data_range)  # type: ignore[operator]
+        for m in metrics
+    }

@@ -10,7 +10,8 @@ Modules (imported lazily; ``import pipelines`` loads nothing heavy):
   ``lease``: one writer per archive
 - ``fanout``: one Ray task per scan with skip / commit / quarantine; ``fingerprint``: fingerprints
 - ``physics``: the typed Acquisition (operator and measurement layout)
-- ``ingest``, ``simulate``, ``train``, ``recon``, ``evaluate``: one module per stage kind
+- ``phantoms``, ``ingest``, ``preprocess``, ``simulate``, ``train``, ``gate``, ``recon``, ``evaluate``:
+  one module per stage kind; ``champion``: champion/challenger aliases, promotion history, rollback
 - ``runner``: runs a spec; ``reprocess``: the spec-less batch job; ``preflight``: checks before Ray;
   ``embedded``: the embedded Ray's life; ``secrets``: redaction; ``tracking``: MLflow; ``cli``
 """
@@ -28,6 +29,8 @@ __all__ = [
     "ingest",
     "simulate",
     "train",
+    "gate",
+    "champion",
     "recon",
     "evaluate",
     "runner",
@@ -38,5 +41,6 @@ __all__ = [
     "tracking",
     "context",
     "cli",
+    "models_cli",
     "errors",
 ]

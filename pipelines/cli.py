@@ -371,7 +371,10 @@ def show(
         fp = committed[unit].get(scan)
         if fp is None:
             return "·"
-        return "✓" if current.get(unit, fp) == fp else "~"
+        expected = current.get(unit, fp)
+        if isinstance(expected, dict):  # a unit fingerprinted per scan
+            expected = expected.get(scan, fp)
+        return "✓" if expected == fp else "~"
 
     for r in rows:
         table.add_row(r.scan_id, r.split, "×".join(map(str, r.shape)), *(mark(u, r.scan_id) for u in units))
@@ -391,6 +394,11 @@ def _interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+from pipelines.models_cli import app as models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:  # pragma: no cover - entry point

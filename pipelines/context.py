@@ -28,6 +28,8 @@ class StageContext:
         fingerprints: the fingerprint of every stage of the pipeline, by name.
         data_fingerprint: the fingerprint of the measurements this stage reads: the last data stage's,
             or, when the pipeline has none, the one the archive records for its measurements.
+        identity: the stage's spec, seed and code version without its upstream or the run key: what
+            per-scan commit fingerprints build on (:func:`pipelines.fingerprint.scan_fingerprint`).
     """
 
     spec: PipelineSpec
@@ -38,6 +40,7 @@ class StageContext:
     upstream: dict[str, dict[str, Any]] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
     data_fingerprint: str = ""
+    identity: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from operators.metrics import nmse, psnr, ssim
+from operators.metrics import psnr, score
 from operators.transforms import on_grid
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import IntegrityError
@@ -27,9 +27,6 @@ from pipelines.spec import EvaluateStage
 from pipelines.store import SOURCE, Archive
 
 __all__ = ["score_scan", "aggregate", "comparison_figure", "run"]
-
-_METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse}
-
 
 #: Columns copied from each method's recon commit record beside the metrics: wall seconds per scan
 #: and per slice, iterations per slab, ``converged`` (1 when every slab met its tolerance, so its mean
@@ -54,10 +51,7 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
     scores: dict[str, dict[str, float]] = {}
     for method in methods:
         recon = on_grid(archive.read_array(scan_id, f"recon/{method}"), ref.shape)
-        values = {
-            m: (_METRICS[m](recon, ref) if m == "nmse" else _METRICS[m](recon, ref, data_range=rng))
-            for m in metrics
-        }
+        values = score(recon, ref, metrics)
         bad = {m: v for m, v in values.items() if not np.isfinite(v)}
         if bad:
             raise IntegrityError(

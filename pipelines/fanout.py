@@ -16,7 +16,7 @@ the archive (which pickles as its URI) and scan IDs, never volumes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +159,7 @@ def fan_out(
     archive: Archive,
     unit: str,
     scan_ids: Sequence[str],
-    fingerprint: str,
+    fingerprint: str | Mapping[str, str],
     fn: Callable[..., dict[str, Any]],
     outputs: Sequence[str],
     kwargs: dict[str, Any] | None = None,
@@ -170,7 +170,11 @@ def fan_out(
     description: str | None = None,
     stage: str | None = None,
 ) -> list[ScanOutcome]:
-    """Run :func:`process_scan` as one Ray task per scan and wait for all, with a progress bar."""
+    """Run :func:`process_scan` as one Ray task per scan and wait for all, with a progress bar.
+
+    ``fingerprint`` is one for every scan, or ``{scan_id: fingerprint}``
+    (:func:`pipelines.fingerprint.scan_fingerprint`).
+    """
     import ray
 
     console = console or Console()
@@ -178,9 +182,8 @@ def fan_out(
     if memory:
         options["memory"] = memory
     task = ray.remote(process_scan).options(**options)
-    refs = [
-        task.remote(archive, unit, s, fingerprint, fn, list(outputs), kwargs, stage=stage) for s in scan_ids
-    ]
+    fps = {s: fingerprint if isinstance(fingerprint, str) else fingerprint[s] for s in scan_ids}
+    refs = [task.remote(archive, unit, s, fps[s], fn, list(outputs), kwargs, stage=stage) for s in scan_ids]
     return gather(refs, console, description or stage or unit)
 
 
@@ -204,7 +207,7 @@ def gather(refs: Sequence[Any], console: Console, description: str) -> list[Any]
 def summarise(
     outcomes: Sequence[ScanOutcome],
     outputs: dict[str, Any] | None = None,
-    units: dict[str, str] | None = None,
+    units: dict[str, Any] | None = None,
 ) -> StageResult:
     """A :class:`StageResult` counting done, skipped and failed scans."""
     return StageResult(

@@ -121,6 +121,16 @@ def stage_fingerprint(stage: BaseModel, upstream: list[str], seed: int, code: st
     return combine({"stage": spec, "upstream": list(upstream), "seed": seed, "code": code})
 
 
+def scan_fingerprint(identity: str, *inputs: str | None) -> str:
+    """One scan's commit fingerprint: the stage's identity (spec, seed and code, not its upstream or
+    run key) and the commit fingerprints of what it read for that scan.
+
+    So a stage re-run because new scans arrived (or on a new night) redoes only the scans whose
+    inputs changed.
+    """
+    return combine({"identity": identity, "inputs": list(inputs)})
+
+
 def scan_seed(seed: int, scan_id: str, purpose: str) -> int:
     """A 63-bit seed for one scan and one purpose ("mask", "noise", ...), stable across runs and machines.
 

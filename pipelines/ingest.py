@@ -450,7 +450,7 @@ def run(ctx: StageContext, stage: IngestStage, fingerprint: str) -> StageResult:
 
     task = ray.remote(ingest_item).options(num_cpus=1, max_retries=2)
     outcomes = gather([task.remote(ctx.archive, p, stage.slab) for p in items], ctx.console, "ingest")
-    now = datetime.now(UTC).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="microseconds")
     by_id = {p.scan_id: p for p in items}
     rows = []
     for o in outcomes:

@@ -55,7 +55,7 @@ def run(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> StageResult
         ctx.archive,
         SOURCE,
         ids,
-        fingerprint,
+        ctx.identity or fingerprint,  # not the run key's: a new night keeps the phantoms
         write_phantom,
         ["image", "labels"],
         {"stage": stage, "seed": ctx.spec.seed},
@@ -79,4 +79,4 @@ def run(ctx: StageContext, stage: PhantomStage, fingerprint: str) -> StageResult
         for o in outcomes
     ]
     ctx.archive.write_catalog(rows)
-    return summarise(outcomes, {"n_scans": len(ids)}, {SOURCE: fingerprint})
+    return summarise(outcomes, {"n_scans": len(ids)}, {SOURCE: ctx.identity or fingerprint})

@@ -41,6 +41,9 @@ __all__ = [
     "check_tracking",
     "check_storage",
     "archive_shape",
+    "check_models",
+    "check_resources",
+    "ray_resources",
 ]
 
 GiB = 1 << 30
@@ -248,6 +251,12 @@ def check_models(spec: PipelineSpec, tracking_uri: str, archive: Any = None) -> 
     from pipelines.errors import PipelineError, TrackingError
     from pipelines.methods import resolve_model_uri
 
+    # A gate of this pipeline sets ``champion`` on the model its challenger stage registers, so that
+    # alias may not exist before the first night; nor may the champion a first night fine-tunes from.
+    gated = {f"models:/{spec.model_name(g.challenger)}@champion" for g in spec.of_kind("gate")}
+    optional = {
+        s.init_from for s in spec.of_kind("train") if s.init_from and s.init_from_missing == "scratch"
+    }
     uris = [(s.name, r.target) for s in spec.of_kind("recon") for r in s.refs() if r.kind == "model"]
     for stage in spec.of_kind("train"):
         if stage.init_from:
@@ -260,6 +269,11 @@ def check_models(spec: PipelineSpec, tracking_uri: str, archive: Any = None) -> 
     for name, uri in uris:
         try:
             _, exact, _ = resolve_model_uri(uri, tracking_uri)
+        except TrackingError as exc:
+            if uri in gated or uri in optional:
+                continue
+            raise PreflightError(f"stage {name!r}: {exc}") from None
+        try:
             model, model_spec = load_model_uri(exact, tracking_uri)
         except (TrackingError, PipelineError) as exc:
             raise PreflightError(f"stage {name!r}: {exc}") from None
@@ -310,3 +324,33 @@ def _fits(model: Any, model_spec: dict[str, Any], op: Any, what: str) -> None:
             f"{what} ({model_spec.get('name')}) returns images {tuple(out.shape[1:])}; this pipeline's "
             f"operator {type(op).__name__} expects {tuple(op.in_shape)}"
         )
+
+
+def ray_resources() -> dict[str, float]:
+    """What the Ray cluster has now (CPU, GPU), from the live session."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def check_resources(stages: list[Any], available: dict[str, float]) -> None:
+    """Refuse a train stage that asks for more CPUs or GPUs than the cluster has: Ray would wait forever.
+
+    (An autoscaling cluster that can grow should keep its minimum large enough, or set the workers
+    to what it has.)
+    """
+    for stage in stages:
+        _check_stage_resources(stage, available)
+
+
+def _check_stage_resources(stage: Any, available: dict[str, float]) -> None:
+    asked = {"CPU": stage.workers * stage.cpus_per_worker, "GPU": stage.workers * stage.gpus_per_worker}
+    for what, need in asked.items():
+        have = available.get(what, 0.0)
+        if need > have:
+            per = stage.cpus_per_worker if what == "CPU" else stage.gpus_per_worker
+            raise PreflightError(
+                f"train stage {stage.name!r} asks for {need:g} {what}s ({stage.workers} workers x {per:g}), "
+                f"but the Ray cluster has {have:g}; lower workers or {what.lower()}s_per_worker, or use a "
+                "larger cluster"
+            )

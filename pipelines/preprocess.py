@@ -71,6 +71,7 @@ from operators.transforms import (
     resampled_size,
 )
 from pipelines.errors import ArchiveError
+from pipelines.fingerprint import scan_fingerprint
 from pipelines.integrity import slab_crc, slab_record
 from pipelines.store import SOURCE, Archive
 
@@ -454,6 +455,7 @@ def run(ctx: StageContext, stage: PreprocessStage, fingerprint: str) -> StageRes
     archive = ctx.archive
     sources = archive.committed(SOURCE)
     scans = [s for s in archive.scans("all") if s in sources]
+    fps = {s: scan_fingerprint(ctx.identity or fingerprint, sources[s]) for s in scans}
     outcomes = []
     t0 = time.perf_counter()
     with progress_bar(ctx.console) as progress:
@@ -464,7 +466,7 @@ def run(ctx: StageContext, stage: PreprocessStage, fingerprint: str) -> StageRes
                     archive,
                     stage.output,
                     scan_id,
-                    fingerprint,
+                    fps[scan_id],
                     preprocess_scan,
                     [stage.output],
                     {"stage": stage},
@@ -486,4 +488,4 @@ def run(ctx: StageContext, stage: PreprocessStage, fingerprint: str) -> StageRes
             f"{stage.name}/input_mb_per_s": voxels * 4 / 1e6 / seconds if done and seconds > 0 else 0.0,
         }
     )
-    return summarise(outcomes, {"output": stage.output}, {stage.output: fingerprint})
+    return summarise(outcomes, {"output": stage.output}, {stage.output: fps})

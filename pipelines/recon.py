@@ -168,7 +168,8 @@ class Reconstructor:
     Args:
         archive_uri, storage_options: where the archive is.
         methods: the :class:`ResolvedMethod` s, as dicts (``dataclasses.asdict``) for Ray.
-        fingerprints: ``{key: fingerprint}`` of each method's unit ``recon/<key>``.
+        fingerprints: ``{key: {scan_id: fingerprint}}`` of each method's unit ``recon/<key>``: the
+            method's identity over that scan's measurements (:meth:`ResolvedMethod.fingerprint`).
         tracking_uri: where the models are (needed only if a method has one).
         stage: the stage's name, for quarantine records and lineage.
         device: where models run (``cuda`` when the actor has a GPU).
@@ -179,7 +180,7 @@ class Reconstructor:
         archive_uri: str,
         storage_options: dict[str, Any],
         methods: list[dict[str, Any]],
-        fingerprints: dict[str, str],
+        fingerprints: dict[str, dict[str, str]],
         tracking_uri: str | None = None,
         stage: str = "recon",
         device: str = "cpu",
@@ -231,7 +232,7 @@ class Reconstructor:
                 continue
             lineage = method.lineage | {
                 "producer": self.stage,
-                "fingerprint": self.fingerprints[method.key],
+                "fingerprint": self.fingerprints[method.key][scan_id],
                 "code_version": self.code,
                 "input_checksum": input_checksum,
                 "time": time.time(),
@@ -263,7 +264,7 @@ class Reconstructor:
         return results
 
     def process(self, scan_id: str) -> ScanOutcome:
-        units = {f"recon/{m.key}": self.fingerprints[m.key] for m in self.methods}
+        units = {f"recon/{m.key}": self.fingerprints[m.key][scan_id] for m in self.methods}
         return process_units(self.archive, scan_id, units, self.reconstruct_scan, stage=self.stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -291,10 +292,15 @@ def run(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
     methods = resolve_methods(stage.refs(), stage.options, ctx.tracking_uri, trained)
     methods, tunings = tune_methods(ctx, methods, stage.tune_slices)
     code = recon_code_version()
-    fingerprints = {m.key: m.fingerprint(ctx.data_fingerprint, code) for m in methods}
     measured = ctx.archive.committed(MEASUREMENTS)  # scans whose simulation failed have nothing to read
     wanted = set(stage.scans) if stage.scans is not None else None
+    if stage.new_scans:
+        new = set(ctx.archive.scans_since(ctx.archive.last_success(ctx.spec.name, ctx.spec.run_key)))
+        wanted = new if wanted is None else wanted & new
     ids = [s for s in ctx.archive.scans(stage.split) if s in measured and (wanted is None or s in wanted)]
+    # Each scan's output chains the method and that scan's measurements, so new scans (or a new
+    # night) redo nothing already reconstructed from the same measurements with the same method.
+    fingerprints = {m.key: {s: m.fingerprint(measured[s], code) for s in ids} for m in methods}
     outcomes: list[ScanOutcome] = []
     if ids:
         data_ctx = ray.data.DataContext.get_current()

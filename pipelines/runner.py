@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -33,7 +34,15 @@ from pipelines.embedded import ensure_ray, ray_address
 from pipelines.errors import PipelineError
 from pipelines.fingerprint import MODEL_LEAVES, code_version, combine, stage_fingerprint
 from pipelines.lease import ArchiveLease
-from pipelines.preflight import archive_shape, check_memory, check_models, check_storage, check_tracking
+from pipelines.preflight import (
+    archive_shape,
+    check_memory,
+    check_models,
+    check_resources,
+    check_storage,
+    check_tracking,
+    ray_resources,
+)
 from pipelines.secrets import redact, redact_uri
 from pipelines.spec import STAGE_KINDS, PipelineSpec
 from pipelines.store import MEASUREMENTS, SOURCE, Archive, locate
@@ -56,6 +65,7 @@ class PlannedStage:
     stage: Any
     fingerprint: str
     data_fingerprint: str
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,8 @@ def external_data_fingerprint(archive: Archive) -> str:
     value a full pipeline's recon stage reads, so both give one method the same fingerprint.
     """
     current = archive.current_fingerprints()
-    return current.get(MEASUREMENTS) or current.get(SOURCE) or ""
+    found = current.get(MEASUREMENTS) or current.get(SOURCE) or ""
+    return found if isinstance(found, str) else combine({"scans": found})  # fingerprinted per scan
 
 
 def stage_code_version(stage: Any) -> str:
@@ -136,12 +147,17 @@ def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
             upstream += [fingerprints[r.target] for r in stage.refs() if r.kind == "learned"]
         elif stage.kind == "evaluate":
             upstream += [fingerprints[s.name] for s in spec.stages[: len(out)] if s.kind == "recon"]
-        elif stage.kind == "ingest":  # what the sources hold now: new files re-run it
+        elif stage.kind == "ingest" and spec.run_key is None:  # what the sources hold: new files re-run it
+            # (a keyed run is fresh per key instead, and resuming a key never takes in files that
+            # arrived after it started: they are the next key's)
             from pipelines.ingest import source_listing
 
             upstream.append(source_listing(stage.sources, stage.manifest))
-        fp = stage_fingerprint(stage, upstream, spec.seed, stage_code_version(stage))
-        out.append(PlannedStage(stage, fp, data))
+        if spec.run_key is not None:  # a new key (night) runs every stage afresh; the same key resumes
+            upstream.append(f"run_key={spec.run_key}")
+        code = stage_code_version(stage)
+        fp = stage_fingerprint(stage, upstream, spec.seed, code)
+        out.append(PlannedStage(stage, fp, data, stage_fingerprint(stage, [], spec.seed, code)))
         fingerprints[stage.name] = fp
         if kind.role == "data":
             data = fp
@@ -227,6 +243,17 @@ def run_pipeline(
         lease.release()
 
 
+def _record_end(archive: Archive, spec: PipelineSpec, started_at: str, run_id: str, status: str) -> None:
+    if spec.run_key is None:
+        return
+    previous = next((r for r in archive.runs(spec.name) if r.get("run_key") == spec.run_key), {})
+    if previous.get("status") == "FINISHED":  # a failed re-run does not undo a finished night
+        return
+    archive.record_run(
+        spec.name, spec.run_key, {"started_at": started_at, "status": status, "run_id": run_id}
+    )
+
+
 def _run(
     spec: PipelineSpec, archive: Archive, tracking_uri: str, console: Console, verbose: bool, t_start: float
 ) -> PipelineResult:
@@ -250,11 +277,17 @@ def _run(
     upstream: dict[str, dict[str, Any]] = {}
     reports: list[StageReport] = []
     started = False
+    started_at = datetime.now(UTC).isoformat(timespec="microseconds")
+    if spec.run_key is not None:
+        tracker.set_tags({"medrecon.run_key": spec.run_key})
+        _record_end(archive, spec, started_at, run_id, "RUNNING")
     try:
         started = ensure_ray(spec, verbose, console.print)
+        check_resources(spec.of_kind("train"), ray_resources())  # before any stage: Ray would wait forever
         for step in planned:
             stage, fp = step.stage, step.fingerprint
-            record = archive.stage_record(stage.name)
+            keyed = (spec.name, spec.run_key) if spec.run_key is not None else None
+            record = archive.stage_record(stage.name, keyed)
             if record and record.get("fingerprint") == fp and record.get("complete", False):
                 upstream[stage.name] = record.get("outputs", {})
                 reports.append(StageReport(stage.name, stage.kind, "skipped", 0.0, fp))
@@ -269,6 +302,7 @@ def _run(
                 dict(upstream),
                 fingerprints,
                 step.data_fingerprint,
+                step.identity,
             )
             t0 = time.perf_counter()
             try:
@@ -284,6 +318,7 @@ def _run(
                 kind=stage.kind,
                 units=result.units,
                 complete=not result.failed,
+                run=keyed,
             )
             upstream[stage.name] = result.outputs
             tracker.log_metrics({f"stage_seconds/{stage.name}": seconds})
@@ -294,11 +329,25 @@ def _run(
             )
             for scan_id, error in result.failed.items():
                 console.print(f"[yellow]{stage.name}: scan {scan_id} quarantined: {error}[/]")
+        if spec.run_key is not None:  # what the next key's new scans are counted from
+            finished_at = datetime.now(UTC).isoformat(timespec="microseconds")
+            archive.record_run(
+                spec.name,
+                spec.run_key,
+                {
+                    "started_at": started_at,
+                    "finished_at": finished_at,
+                    "status": "FINISHED",
+                    "run_id": run_id,
+                },
+            )
         finish_run(tracking_uri, run_id, "FINISHED")
     except KeyboardInterrupt:
+        _record_end(archive, spec, started_at, run_id, "KILLED")
         finish_run(tracking_uri, run_id, "KILLED")
         raise
     except BaseException:
+        _record_end(archive, spec, started_at, run_id, "FAILED")
         finish_run(tracking_uri, run_id, "FAILED")
         raise
     finally:

@@ -1,7 +1,8 @@
 """Redaction: no storage key, token or password is printed, logged, tracked or written to ``_meta/``.
 
 A field is secret when it is ``storage_options`` (every value in it) or its name contains ``key``,
-``secret``, ``token`` or ``password``; its value becomes ``***`` wherever a spec is shown. URIs lose
+``secret``, ``token`` or ``password`` (except the spec's own non-secret fields, :data:`PUBLIC`);
+its value becomes ``***`` wherever a spec is shown. URIs lose
 their ``user:password@`` part. Fingerprints still hash the real values (a changed secret is a
 changed spec), and a fingerprint is a one-way digest, so it never reveals them.
 """
@@ -11,16 +12,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["MASK", "is_secret", "redact", "redact_uri"]
+__all__ = ["MASK", "PUBLIC", "is_secret", "redact", "redact_uri"]
 
 MASK = "***"
 _WORDS = ("key", "secret", "token", "password")
+#: Spec fields whose names contain such a word but hold no secret: a pipeline's night key.
+PUBLIC = frozenset({"run_key"})
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 def is_secret(name: Any) -> bool:
     """Whether a field called ``name`` holds a secret."""
-    return isinstance(name, str) and (name == "storage_options" or any(w in name.lower() for w in _WORDS))
+    if not isinstance(name, str) or name in PUBLIC:
+        return False
+    return name == "storage_options" or any(w in name.lower() for w in _WORDS)
 
 
 def redact_uri(text: str) -> str:

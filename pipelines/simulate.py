@@ -27,10 +27,10 @@ from operators.errors import NonFiniteError, ShapeError
 from operators.noise import low_dose_sinogram, sigma_for_snr
 from pipelines.context import StageContext, StageResult
 from pipelines.fanout import fan_out, summarise
-from pipelines.fingerprint import scan_seed
+from pipelines.fingerprint import scan_fingerprint, scan_seed
 from pipelines.physics import Acquisition
 from pipelines.spec import MaskSpec, SimulateStage
-from pipelines.store import MEASUREMENTS, Archive
+from pipelines.store import MEASUREMENTS, Archive, unit_of
 
 __all__ = [
     "acquisition_for",
@@ -215,13 +215,19 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
 
 
 def run(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResult:
-    """Simulate every scan of the archive, one Ray task each."""
+    """Simulate every scan of the archive, one Ray task each.
+
+    A scan's commit fingerprint chains this stage's identity and its image's commit, so new scans
+    (or a new night) simulate only what is new (:func:`pipelines.fingerprint.scan_fingerprint`).
+    """
     ids = ctx.archive.scans("all")
+    images = ctx.archive.committed(unit_of(stage.image))
+    fps = {s: scan_fingerprint(ctx.identity or fingerprint, images.get(s)) for s in ids}
     outcomes = fan_out(
         ctx.archive,
         MEASUREMENTS,
         ids,
-        fingerprint,
+        fps,
         simulate_scan,
         ["mask", "kspace", "coil_maps", "sinogram"],
         {"stage": stage, "seed": ctx.spec.seed},
@@ -230,4 +236,4 @@ def run(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResul
         description=f"simulate {'k-space' if stage.modality == 'mri' else 'sinograms'}",
         stage=stage.name,
     )
-    return summarise(outcomes, {"modality": stage.modality}, {MEASUREMENTS: fingerprint})
+    return summarise(outcomes, {"modality": stage.modality}, {MEASUREMENTS: fps})

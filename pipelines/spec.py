@@ -60,11 +60,14 @@ __all__ = [
     "CTSpec",
     "ModelSpec",
     "TrainMasks",
+    "Augment",
     "TrainStage",
     "SolverOptions",
     "ReconStage",
     "StabilitySpec",
     "EvaluateStage",
+    "GateStage",
+    "METRICS",
     "StageKind",
     "STAGE_KINDS",
     "Stage",
@@ -369,13 +372,36 @@ class TrainMasks(Spec):
         return v
 
 
+class Augment(Spec):
+    """Augmentation on the data path: each training image is transformed, then measured anew through
+    its scan's acquisition (with its noise level), so the model sees consistent ``(y, x)`` pairs.
+
+    Seeded per epoch and sample, so a resumed run draws the same augmentations.
+    """
+
+    flip: bool = Field(default=True, description="random flips along H and W")
+    rotate_degrees: float = Field(default=10.0, ge=0, le=180, description="random in-plane rotation range")
+    elastic: float = Field(
+        default=0.0, ge=0, le=1, description="probability of MONAI's 2D elastic deformation per sample"
+    )
+    prob: float = Field(default=0.5, ge=0, le=1, description="probability of each flip and the rotation")
+
+
 class TrainStage(StageSpec):
     """Train a model with Ray Train on 2D slices streamed from the archive; register it in MLflow."""
 
     kind: Literal["train"]
     model: ModelSpec
     workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each worker")
     gpus_per_worker: float = Field(default=0.0, ge=0)
+    max_failures: int = Field(
+        default=1,
+        ge=0,
+        description="worker-group restarts (from the latest checkpoint) before the stage fails",
+    )
+    accumulate: int = Field(default=1, ge=1, description="gradient accumulation: micro-batches per step")
+    augment: Augment | None = Field(default=None, description="flips, rotations, elastic; null: none")
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=1e-3, gt=0)
@@ -393,8 +419,18 @@ class TrainStage(StageSpec):
     init_from: str | None = Field(
         default=None, description="fine-tune a registered model of this architecture: models:/NAME/VERSION"
     )
-    amp: bool = Field(default=False, description="bf16 autocast on GPU workers (ignored on CPU)")
-    threads_per_worker: int = Field(default=1, ge=1)
+    init_from_missing: Literal["error", "scratch"] = Field(
+        default="error",
+        description="when init_from names an alias or version that does not exist: fail, or train from "
+        "scratch (a nightly job's first night has no champion)",
+    )
+    amp: Literal["bf16", "fp16"] | None = Field(
+        default=None,
+        description="autocast on GPU workers: bf16, or fp16 with a gradient scaler (ignored on CPU)",
+    )
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, description="torch threads per worker; default: cpus_per_worker"
+    )
     register_as: str | None = Field(
         default=None, description="MLflow registered model name; default '<pipeline name>-<stage name>'"
     )
@@ -402,7 +438,21 @@ class TrainStage(StageSpec):
         default=2, ge=1, description="best checkpoints kept (by validation PSNR), besides the latest"
     )
 
-    @field_validator("register_as")
+    alias: str | None = Field(
+        default=None, description="MLflow alias set on the registered version, e.g. challenger"
+    )
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, v: Any) -> Any:  # amp: true (the older spelling) is bf16
+        return "bf16" if v is True else None if v is False else v
+
+    @property
+    def threads(self) -> int:
+        """torch threads per worker."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    @field_validator("register_as", "alias")
     @classmethod
     def _register_as_is_id(cls, v: str | None) -> str | None:
         if v is not None and not _NAME.match(v):
@@ -460,6 +510,11 @@ class ReconStage(StageSpec):
     )
     split: Literal["train", "val", "test", "all"] = "test"
     scans: list[str] | None = Field(default=None, description="only these scan IDs (within the split)")
+    new_scans: bool = Field(
+        default=False,
+        description="only the scans ingested since this pipeline's last successful run with another "
+        "run_key (every scan when there was none)",
+    )
     actors: int = Field(default=2, ge=1)
     cpus_per_actor: float = Field(default=0.5, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
@@ -521,11 +576,17 @@ class StabilitySpec(Spec):
     slices: int = Field(default=1, ge=1, description="middle slices of the first test scan audited")
 
 
+METRICS: Mapping[str, str] = MappingProxyType({"psnr": "max", "ssim": "max", "nmse": "min"})
+"""The metrics evaluate produces, and which way is better."""
+
+MetricName = Literal["psnr", "ssim", "nmse"]
+
+
 class EvaluateStage(StageSpec):
     """Score the reconstructions of the recon stages before it against the reference images."""
 
     kind: Literal["evaluate"]
-    metrics: list[Literal["psnr", "ssim", "nmse"]] = Field(default_factory=lambda: ["psnr", "ssim", "nmse"])
+    metrics: list[MetricName] = Field(default_factory=lambda: ["psnr", "ssim", "nmse"])
     figure_slice: int | None = Field(
         default=None, description="slice index for the figure; default the middle"
     )
@@ -534,8 +595,49 @@ class EvaluateStage(StageSpec):
     )
 
 
+class GateStage(StageSpec):
+    """Champion/challenger gate: promote a train stage's model to ``champion`` only if it is better.
+
+    The challenger (the version the train stage ``challenger`` registered) and the current champion
+    (``models:/NAME@champion``) reconstruct the same hold-out scans and are scored with evaluate's
+    metrics. The challenger is promoted if it beats the champion by ``margin`` on ``metric`` and
+    loses no more than ``guard_tolerance`` on any ``guard`` metric; otherwise it is tagged rejected
+    with the reason. Promotion is a compare-and-set on the alias (:mod:`pipelines.champion`).
+    """
+
+    kind: Literal["gate"]
+    challenger: str = Field(description="the train stage whose registered model is the challenger")
+    metric: str = Field(default="psnr", description="the metric that must improve (one evaluate produces)")
+    margin: float = Field(default=0.0, ge=0, description="by how much the challenger must beat the champion")
+    guard: list[str] = Field(
+        default_factory=lambda: ["ssim"], description="metrics on which the challenger may not regress"
+    )
+    guard_tolerance: float = Field(default=0.0, ge=0, description="regression allowed on a guard metric")
+    split: Literal["train", "val", "test", "all"] = Field(
+        default="test", description="the hold-out both models are scored on"
+    )
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs of the Ray task that scores both models")
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_evaluated(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"evaluate does not produce metric {v!r}; expected one of {list(METRICS)}")
+        return v
+
+    @field_validator("guard")
+    @classmethod
+    def _guards_are_evaluated(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METRICS]
+        if unknown:
+            raise ValueError(
+                f"evaluate does not produce metric(s) {unknown}; expected any of {list(METRICS)}"
+            )
+        return v
+
+
 # -- the registry of stage kinds -----------------------------------------------------------------
-Role = Literal["data", "train", "recon", "evaluate"]
+Role = Literal["data", "train", "recon", "evaluate", "gate"]
 
 
 @dataclass(frozen=True)
@@ -576,6 +678,7 @@ STAGE_KINDS: Mapping[str, StageKind] = MappingProxyType(
             StageKind(PreprocessStage, "pipelines.preprocess", "data"),
             StageKind(SimulateStage, "pipelines.simulate", "data"),
             StageKind(TrainStage, "pipelines.train", "train", per_scan=False),
+            StageKind(GateStage, "pipelines.gate", "gate", per_scan=False),
             StageKind(ReconStage, "pipelines.recon", "recon"),
             StageKind(EvaluateStage, "pipelines.evaluate", "evaluate"),
         )
@@ -591,6 +694,11 @@ class PipelineSpec(Spec):
 
     name: str
     seed: int = 0
+    run_key: str | None = Field(
+        default=None,
+        description="a key of this run, e.g. a night (--set run_key=2026-11-30): it enters every stage's "
+        "fingerprint, so the same key resumes and a new key runs afresh (per-scan work is still reused)",
+    )
     archive: ArchiveSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
@@ -603,6 +711,17 @@ class PipelineSpec(Spec):
             raise ValueError(
                 f"must match [A-Za-z0-9._-]+ (it names MLflow experiments and models), found {v!r}"
             )
+        return v
+
+    @field_validator("run_key", mode="before")
+    @classmethod
+    def _run_key(cls, v: Any) -> Any:
+        if hasattr(v, "isoformat"):  # --set run_key=2026-11-30 reads as a YAML date
+            v = v.isoformat()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if v is not None and (not isinstance(v, str) or not _NAME.match(v)):
+            raise ValueError(f"must match [A-Za-z0-9._-]+ (e.g. a date, 2026-11-30), found {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -676,6 +795,11 @@ class PipelineSpec(Spec):
                         )
             elif stage.kind == "evaluate" and not recon_before:
                 raise ValueError(f"evaluate stage {stage.name!r} needs a recon stage before it")
+            elif stage.kind == "gate" and stage.challenger not in earlier_train:
+                raise ValueError(
+                    f"gate stage {stage.name!r}: challenger {stage.challenger!r} names no train stage before "
+                    f"it; train stages before it: {sorted(earlier_train) or 'none'}"
+                )
 
     @property
     def modality(self) -> str | None:
@@ -686,6 +810,11 @@ class PipelineSpec(Spec):
     def stage(self, name: str) -> Any:
         """The stage named ``name`` (names default to kinds), or None."""
         return next((s for s in self.stages if s.name == name), None)
+
+    def model_name(self, train_stage: str) -> str:
+        """The registered MLflow model a train stage writes: ``register_as``, else ``<pipeline>-<stage>``."""
+        stage = self.stage(train_stage)
+        return (stage.register_as if stage is not None else None) or f"{self.name}-{train_stage}"
 
     def of_kind(self, kind: str) -> list[Any]:
         """The stages of ``kind``, in order."""

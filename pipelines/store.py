@@ -45,6 +45,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -155,6 +156,12 @@ class CatalogRow:
     ingested_at: str = (
         ""  # ISO 8601 UTC, when ingest added the row (nightly retraining finds new scans by it)
     )
+
+
+def _instant(text: str) -> datetime:
+    """An ISO 8601 time; one without a zone is UTC."""
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def record_digest(records: dict[str, dict[str, Any]]) -> str:
@@ -478,13 +485,16 @@ class Archive:
         outputs: dict[str, Any] | None = None,
         *,
         kind: str,
-        units: dict[str, str] | None = None,
+        units: dict[str, Any] | None = None,
         complete: bool = True,
+        run: tuple[str, str] | None = None,
     ) -> None:
         """Record a stage's run: its fingerprint, what later stages need, and its units' fingerprints.
 
         ``complete`` is False when some scans failed: a re-run then redoes the stage, which skips
-        the committed scans and retries the failed ones.
+        the committed scans and retries the failed ones. ``run`` = ``(pipeline, run_key)`` also keeps
+        the record under that key, so re-running an earlier key finds its own records
+        (:meth:`stage_record`) after later keys ran.
         """
         payload = {
             "fingerprint": fingerprint,
@@ -495,8 +505,13 @@ class Archive:
             "units": units or {},
         }
         self._write_json(self._path("_meta", "stages", f"{name}.json"), payload)
+        if run is not None:
+            self._write_json(self._path("_meta", "runs", run[0], run[1], f"{name}.json"), payload)
 
-    def stage_record(self, name: str) -> dict[str, Any] | None:
+    def stage_record(self, name: str, run: tuple[str, str] | None = None) -> dict[str, Any] | None:
+        """The latest record of stage ``name``, or the one it wrote under ``run`` = (pipeline, key)."""
+        if run is not None:
+            return self._read_json(self._path("_meta", "runs", run[0], run[1], f"{name}.json"))
         return self._read_json(self._path("_meta", "stages", f"{name}.json"))
 
     def stage_records(self) -> dict[str, dict[str, Any]]:
@@ -506,14 +521,51 @@ class Archive:
             os.path.basename(p)[: -len(".json")]: self._read_json(p) or {} for p in self._json_files(folder)
         }
 
-    def current_fingerprints(self) -> dict[str, str]:
-        """``{unit: fingerprint}`` of the latest stage run that wrote each unit."""
+    def current_fingerprints(self) -> dict[str, Any]:
+        """``{unit: fingerprint}`` of the latest stage run that wrote each unit: one fingerprint, or
+        ``{scan_id: fingerprint}`` for a stage that fingerprints per scan."""
         latest: dict[str, tuple[float, str]] = {}
         for rec in self.stage_records().values():
             for unit, fp in rec.get("units", {}).items():
                 if unit not in latest or rec.get("time", 0) >= latest[unit][0]:
                     latest[unit] = (rec.get("time", 0), fp)
         return {u: fp for u, (_, fp) in latest.items()}
+
+    def record_run(self, pipeline: str, run_key: str, record: dict[str, Any]) -> None:
+        """Record a keyed run (a night) of ``pipeline``: ``started_at``, ``finished_at``, ``status``."""
+        self._write_json(
+            self._path("_meta", "runs", pipeline, f"{run_key}.json"), {"run_key": run_key, **record}
+        )
+
+    def runs(self, pipeline: str) -> list[dict[str, Any]]:
+        """Every recorded keyed run of ``pipeline``, oldest start first."""
+        folder = self._path("_meta", "runs", pipeline)
+        records = [self._read_json(p) or {} for p in self._json_files(folder)]
+        return sorted(records, key=lambda r: str(r.get("started_at", "")))
+
+    def last_success(self, pipeline: str, run_key: str | None) -> str | None:
+        """When the latest successful keyed run of ``pipeline`` other than ``run_key`` finished
+        (ISO 8601 UTC), or None if there was none."""
+        done = [
+            str(r["finished_at"])
+            for r in self.runs(pipeline)
+            if r.get("status") == "FINISHED" and r.get("run_key") != run_key and r.get("finished_at")
+        ]
+        return max(done, key=_instant) if done else None
+
+    def scans_since(self, instant: str | None, split: str = "all") -> list[str]:
+        """Scans of ``split`` the catalog says were ingested after ``instant`` (all when None)."""
+        if instant is None:
+            return self.scans(split)
+        after = _instant(instant)
+        return [
+            r.scan_id
+            for r in self.catalog()
+            if r.status == "ok"
+            and (split == "all" or r.split == split)
+            and r.ingested_at
+            and _instant(r.ingested_at) > after
+        ]
 
     def uncommit_stage(self, name: str) -> None:
         self._clear(self._path("_meta", "stages", f"{name}.json"))

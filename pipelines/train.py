@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -38,13 +40,16 @@ from models.registry import WEIGHTS_FILE, build_model, save_model
 from operators.linear import LinearOperator
 from operators.metrics import psnr
 from operators.transforms import on_grid
+from pipelines.champion import CHALLENGER, set_challenger
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import progress_bar
 from pipelines.physics import Acquisition
-from pipelines.spec import Spec, TrainMasks, TrainStage
+from pipelines.preflight import check_resources, ray_resources
+from pipelines.spec import Augment, Spec, TrainMasks, TrainStage
 from pipelines.store import MEASUREMENTS, Archive
 from pipelines.tracking import MlflowTracker, register_model
+from pipelines.tracking import client as tracking_client
 
 __all__ = ["TrainJob", "SliceDataset", "train_loop_per_worker", "run"]
 
@@ -60,6 +65,7 @@ class TrainJob(Spec):
     seed: int
     train_ids: list[str]
     val_ids: list[str]
+    init_uri: str | None = None  # init_from resolved to one version (None: from scratch)
 
 
 class SliceDataset:
@@ -119,28 +125,79 @@ class SliceDataset:
         return torch.stack(ys), Acquisition.stack(acqs), torch.from_numpy(np.stack(xs))
 
 
-def fresh_batch(
-    dataset: SliceDataset, indices: list[int] | np.ndarray, masks: TrainMasks, rng: np.random.Generator
-) -> tuple[torch.Tensor, LinearOperator, torch.Tensor]:
-    """A batch measured anew: each slice with its own seeded mask and its scan's coil maps and noise level.
+class Augmenter:
+    """Flips, a small rotation and MONAI's elastic deformation of 2D training images, seeded per sample."""
 
-    Returns ``(y, op, target)`` like :meth:`SliceDataset.batch`. Raises :class:`StageError` for CT scans.
+    def __init__(self, spec: Augment) -> None:
+        from monai.transforms import Rand2DElastic, RandFlip, RandRotate
+
+        self.spec = spec
+        self.transforms: list[Any] = []
+        if spec.flip:
+            self.transforms += [
+                RandFlip(prob=spec.prob, spatial_axis=0),
+                RandFlip(prob=spec.prob, spatial_axis=1),
+            ]
+        if spec.rotate_degrees > 0:
+            angle = float(np.deg2rad(spec.rotate_degrees))
+            self.transforms.append(
+                RandRotate(range_x=angle, prob=spec.prob, keep_size=True, padding_mode="zeros")
+            )
+        if spec.elastic > 0:
+            self.transforms.append(
+                Rand2DElastic(
+                    spacing=(16, 16), magnitude_range=(1.0, 2.0), prob=spec.elastic, padding_mode="zeros"
+                )
+            )
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        """``image`` (H, W) transformed; the same seed gives the same transform."""
+        x: Any = image[None]  # MONAI is channel-first
+        for i, t in enumerate(self.transforms):
+            t.set_random_state(seed=(seed + 7919 * i) % (2**32))
+            x = t(x)
+        return np.ascontiguousarray(np.asarray(x)[0], dtype=np.float32)
+
+
+def fresh_batch(
+    dataset: SliceDataset,
+    indices: list[int] | np.ndarray,
+    masks: TrainMasks | None,
+    rng: np.random.Generator,
+    augment: Augmenter | None = None,
+) -> tuple[torch.Tensor, LinearOperator, torch.Tensor]:
+    """A batch measured anew from its (augmented) images: each MRI slice with its own seeded mask when
+    ``masks`` is set, each scan's coil maps and noise level (MRI k-space noise, CT photon counts).
+
+    Returns ``(y, op, target)`` like :meth:`SliceDataset.batch`. Raises :class:`StageError` when
+    ``masks`` is set for a CT scan.
     """
     from operators.masks import make_mask
+    from operators.noise import low_dose_sinogram
 
     acqs, images = [], []
     for i in indices:
         sid, d = dataset.index[int(i)]
         acq, _, image = dataset.scan(sid)
-        if acq.modality != "mri":
-            raise StageError(f"train: masks drawn per sample apply to MRI; scan {sid!r} is {acq.describe()}")
-        accel = float(rng.choice(masks.accelerations))
-        mask = make_mask(masks.kind, acq.image_shape, accel, masks.center_fraction, int(rng.integers(2**62)))
-        acqs.append(acq.with_mask(mask))
-        images.append(image[d])
+        if masks is not None:
+            if acq.modality != "mri":
+                raise StageError(
+                    f"train: masks drawn per sample apply to MRI; scan {sid!r} is {acq.describe()}"
+                )
+            accel = float(rng.choice(masks.accelerations))
+            seed = int(rng.integers(2**62))
+            acq = acq.with_mask(make_mask(masks.kind, acq.image_shape, accel, masks.center_fraction, seed))
+        acqs.append(acq)
+        images.append(image[d] if augment is None else augment(image[d], int(rng.integers(2**31))))
     x = torch.from_numpy(np.stack(images))  # (B, H, W)
     op = Acquisition.stack(acqs)
-    y = op.forward(x)  # (B, H, W) or (B, C, H, W) complex
+    y = op.forward(x)  # (B, H, W) or (B, C, H, W) complex, or sinograms
+    if acqs[0].modality == "ct":
+        for b, a in enumerate(acqs):
+            if a.ct is not None and a.ct.i0 is not None:
+                mu = a.ct.attenuation
+                y[b] = low_dose_sinogram(mu * y[b], a.ct.i0, seed=int(rng.integers(2**62))) / mu
+        return y.to(torch.float32), op, x
     sigma = torch.tensor([a.noise_sigma for a in acqs], dtype=torch.float32)  # (B,)
     if bool((sigma > 0).any()):
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -153,11 +210,24 @@ def fresh_batch(
 
 
 def _save_checkpoint(directory: str, model: torch.nn.Module, job: TrainJob, parts: dict[str, Any]) -> None:
+    """Model (architecture + safetensors), optimiser, schedule, gradient scaler and epoch state."""
     save_model(model, job.stage.model.name, job.stage.model.kwargs, directory)
-    torch.save(parts["optimizer"].state_dict(), os.path.join(directory, "optimizer.pt"))
-    torch.save(parts["schedule"].state_dict(), os.path.join(directory, "schedule.pt"))
+    for name in ("optimizer", "schedule", "scaler"):
+        torch.save(parts[name].state_dict(), os.path.join(directory, f"{name}.pt"))
     with open(os.path.join(directory, "state.json"), "w") as f:
         json.dump(parts["state"], f)
+
+
+def _load_checkpoint(directory: str, model: torch.nn.Module, parts: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
+    for name in ("optimizer", "schedule", "scaler"):
+        path = os.path.join(directory, f"{name}.pt")
+        if os.path.exists(path):  # checkpoints written before the scaler was saved have none
+            parts[name].load_state_dict(torch.load(path, weights_only=True))
+    with open(os.path.join(directory, "state.json")) as f:
+        return dict(json.load(f))
 
 
 def _validate(
@@ -171,15 +241,15 @@ def _validate(
 
 
 def _initial_weights(model: torch.nn.Module, job: TrainJob) -> None:
-    """Load ``init_from``'s weights, after checking it is the same architecture."""
+    """Load ``init_uri``'s weights, after checking it is the same architecture."""
     from pipelines.methods import load_model_uri
 
-    assert job.stage.init_from is not None
-    source, spec = load_model_uri(job.stage.init_from, job.tracking_uri)
+    assert job.init_uri is not None
+    source, spec = load_model_uri(job.init_uri, job.tracking_uri)
     same = spec.get("name") == job.stage.model.name and spec.get("kwargs", {}) == job.stage.model.kwargs
     if not same:
         raise StageError(
-            f"train stage {job.stage.name!r}: init_from {job.stage.init_from} is {spec.get('name')} "
+            f"train stage {job.stage.name!r}: init_from {job.init_uri} is {spec.get('name')} "
             f"{spec.get('kwargs')}; this stage trains {job.stage.model.name} {job.stage.model.kwargs}"
         )
     model.load_state_dict(source.state_dict())
@@ -196,88 +266,156 @@ def _stop_together(stop: bool) -> bool:
     return bool(flag.item())
 
 
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of ``batches``, built ``depth`` ahead in a background thread.
+
+    Reading, augmenting and measuring the next batch (numpy, zarr and FFTs, which release the GIL)
+    overlaps the current step; the order, and so every seeded draw, is unchanged.
+    """
+    q: queue_lib.Queue[Any] = queue_lib.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in batches:
+                q.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(_Failed(exc))
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True, name="medrecon-prefetch").start()
+    while (item := q.get()) is not done:
+        if isinstance(item, _Failed):
+            raise item.exc
+        yield item
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: build, (resume or fine-tune,) train, validate, report."""
+    """The Ray Train worker: build, (resume or fine-tune,) train, validate, report.
+
+    Each epoch reports ``train_loss``, ``val_psnr`` (with validation scans), ``step_seconds`` (the
+    median wall time of one optimiser step, data wait included), ``samples_per_second`` (the whole
+    world's), ``world_size`` and ``lr``, with a checkpoint from rank 0.
+    """
     config = dict(config)
     progress = config.pop("progress", None)  # a ray.util.queue.Queue the driver's bar reads
     job = TrainJob.model_validate(config)
     stage = job.stage
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
 
-    torch.set_num_threads(stage.threads_per_worker)
+    torch.set_num_threads(stage.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    autocast = stage.amp and device.type == "cuda"
+    autocast = stage.amp is not None and device.type == "cuda"
+    amp_dtype = torch.float16 if stage.amp == "fp16" else torch.bfloat16
     archive = Archive(job.archive_uri, job.storage_options)
     train_set = SliceDataset(archive, job.train_ids)
     val_set = SliceDataset(archive, job.val_ids) if job.val_ids and rank == 0 else None
+    augmenter = Augmenter(stage.augment) if stage.augment is not None else None
 
     per_rank = len(train_set) // world
-    steps_per_epoch = max(1, math.ceil(per_rank / stage.batch_size))
+    batches_per_epoch = max(1, math.ceil(per_rank / stage.batch_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / stage.accumulate)
     torch.manual_seed(job.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(stage.model.name, stage.model.kwargs)
     optimizer = make_optimizer(model.parameters(), stage.optimizer, stage.lr, stage.weight_decay)
     schedule = make_schedule(optimizer, stage.schedule, stage.lr, steps_per_epoch * stage.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast and stage.amp == "fp16")
+    parts: dict[str, Any] = {"optimizer": optimizer, "schedule": schedule, "scaler": scaler}
     state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": None, "bad_epochs": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "weights.safetensors")))
-            optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            schedule.load_state_dict(torch.load(os.path.join(d, "schedule.pt"), weights_only=True))
-            with open(os.path.join(d, "state.json")) as f:
-                state = json.load(f)
-    elif stage.init_from:
+            state = _load_checkpoint(d, model, parts)
+    elif job.init_uri:
         _initial_weights(model, job)
     ddp_model = ray.train.torch.prepare_model(model)
     tracker = MlflowTracker(job.tracking_uri, job.run_id) if rank == 0 else None
+    if tracker is not None:
+        tracker.set_tags(
+            {
+                f"{stage.name}.device": str(device),
+                f"{stage.name}.world_size": str(world),
+                f"{stage.name}.resumed_from_epoch": str(state["epoch"] + 1),
+            }
+        )
     loss_fn = make_loss(stage.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def epoch_batches(mine: np.ndarray, rng: np.random.Generator) -> Iterator[Any]:
+        for start in range(0, len(mine), stage.batch_size):
+            indices = mine[start : start + stage.batch_size]
+            if stage.masks is not None or augmenter is not None:
+                yield fresh_batch(train_set, indices, stage.masks, rng, augmenter)
+            else:
+                yield train_set.batch(indices)
 
     total_steps = steps_per_epoch * stage.epochs
+    last_put = 0.0
     for epoch in range(state["epoch"] + 1, stage.epochs):
         t0 = time.perf_counter()
         order = np.random.default_rng([job.seed, epoch]).permutation(len(train_set))
         mine = order[: per_rank * world][rank::world]  # equal share on every rank
-        rng = np.random.default_rng([job.seed, epoch, rank, 1])  # per-sample masks
+        rng = np.random.default_rng([job.seed, epoch, rank, 1])  # per-sample masks and augmentations
         ddp_model.train()
-        losses = []
-        for step, start in enumerate(range(0, len(mine), stage.batch_size)):
-            indices = mine[start : start + stage.batch_size]
-            if stage.masks is not None:
-                y, op, target = fresh_batch(train_set, indices, stage.masks, rng)
-            else:
-                y, op, target = train_set.batch(indices)
+        losses, step_times = [], []
+        step, t_step = 0, time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for k, (y, op, target) in enumerate(prefetch(epoch_batches(mine, rng))):
+            last = (k + 1) % stage.accumulate == 0 or k + 1 == batches_per_epoch
             if device.type != "cpu":
                 y, target, op = y.to(device), target.to(device), op.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss = loss_fn(ddp_model(y, op), target)
-            if not torch.isfinite(loss):
-                raise StageError(
-                    f"train stage {stage.name!r}: the loss is {float(loss)} at epoch {epoch}, step {step} "
-                    f"({stage.model.name}, lr {stage.lr}); lower the learning rate, set grad_clip, or "
-                    "check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # The total gradient norm (clipped to grad_clip when set) also tells whether one is NaN/Inf.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip or float("inf"))
-            if not torch.isfinite(norm):
+            # DDP all-reduces gradients only on a step's last micro-batch.
+            sync = contextlib.nullcontext() if last or world == 1 else ddp_model.no_sync()
+            with sync:
+                with torch.autocast("cuda", dtype=amp_dtype, enabled=autocast):
+                    loss = loss_fn(ddp_model(y, op), target)
+                if not torch.isfinite(loss):
+                    raise StageError(
+                        f"train stage {stage.name!r}: the loss is {float(loss)} at epoch {epoch}, batch {k} "
+                        f"({stage.model.name}, lr {stage.lr}); lower the learning rate, set grad_clip, or "
+                        "check the data"
+                    )
+                scaler.scale(loss / stage.accumulate).backward()
+            losses.append(loss.item())
+            if not last:
+                continue
+            scaler.unscale_(optimizer)
+            # The total gradient norm (clipped to grad_clip when set) also tells whether one is NaN/Inf;
+            # with fp16 the scaler skips such a step itself and lowers its scale.
+            norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf"))
+            if not torch.isfinite(norm) and not scaler.is_enabled():
                 raise StageError(
                     f"train stage {stage.name!r}: the gradient norm is {float(norm)} at epoch {epoch}, "
                     f"step {step} ({stage.model.name}); lower the learning rate or set grad_clip"
                 )
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
-            losses.append(loss.item())
-            if rank == 0 and progress is not None:
-                progress.put_nowait((epoch * steps_per_epoch + step + 1) / total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            t_step = now
+            # The bar's queue is a Ray actor: a put is a remote call (~3 ms here), so at most two a second.
+            if rank == 0 and progress is not None and (now - last_put > 0.5 or step == steps_per_epoch):
+                progress.put_nowait((epoch * steps_per_epoch + step) / total_steps)
+                last_put = now
+        seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
-            "epoch_seconds": time.perf_counter() - t0,
+            "epoch_seconds": seconds,
+            "step_seconds": float(np.median(step_times)),
+            "samples_per_second": len(mine) * world / seconds,
+            "world_size": world,
             "lr": float(schedule.get_last_lr()[0]),
         }
         stop = False
@@ -295,9 +433,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = _stop_together(stop)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                _save_checkpoint(
-                    d, model, job, {"optimizer": optimizer, "schedule": schedule, "state": state}
-                )
+                _save_checkpoint(d, model, job, parts | {"state": state})
                 assert tracker is not None
                 tracker.log_metrics({f"{stage.name}/{k}": v for k, v in metrics.items()}, step=epoch)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -305,6 +441,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if stop:
             break
+
+
+def _resolve_init(ctx: StageContext, stage: TrainStage) -> str | None:
+    """``init_from`` as one exact version (an alias may move while workers start), or None for scratch."""
+    if stage.init_from is None:
+        return None
+    from pipelines.errors import TrackingError
+    from pipelines.methods import resolve_model_uri
+
+    try:
+        return resolve_model_uri(stage.init_from, ctx.tracking_uri)[1]
+    except TrackingError as exc:
+        if stage.init_from_missing != "scratch":
+            raise StageError(f"train stage {stage.name!r}: {exc}") from None
+        ctx.console.print(f"{stage.name}: {stage.init_from} does not exist yet: training from scratch")
+        return None
 
 
 def _storage_path(archive: Archive) -> str:
@@ -321,10 +473,23 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
     train_ids = [s for s in ctx.archive.scans("train") if s in committed]
     val_ids = [s for s in ctx.archive.scans("val") if s in committed]
     if not train_ids:
-        raise StageError(
-            f"train stage {stage.name!r}: no training scans with committed measurements in the archive; "
-            "a simulate (or ingest) stage must run first"
+        split = ctx.archive.scans("train")
+        counts = {s: len(ctx.archive.scans(s)) for s in ("train", "val", "test")}
+        why = (
+            f"the train split is empty (train {counts['train']}, val {counts['val']}, test {counts['test']} "
+            "scans): give the ingest or phantoms stage a train fraction, or a manifest with split=train"
+            if not split
+            else f"none of its {len(split)} scans has committed measurements: a simulate (or ingest) "
+            "stage must run first"
         )
+        raise StageError(f"train stage {stage.name!r}: no training scans with committed measurements; {why}")
+    if len(train_ids) < stage.workers:
+        raise StageError(
+            f"train stage {stage.name!r}: {len(train_ids)} training scan(s) for {stage.workers} workers; "
+            "every worker needs at least one: lower workers or add training scans"
+        )
+    check_resources([stage], ray_resources())
+    init_uri = _resolve_init(ctx, stage)
     job = TrainJob(
         stage=stage,
         archive_uri=ctx.archive.uri,
@@ -334,9 +499,10 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
         seed=ctx.spec.seed,
         train_ids=train_ids,
         val_ids=val_ids,
+        init_uri=init_uri,
     )
     use_gpu = stage.gpus_per_worker > 0
-    resources = {"CPU": 1.0, **({"GPU": stage.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": stage.cpus_per_worker, **({"GPU": stage.gpus_per_worker} if use_gpu else {})}
     score = ("val_psnr", "max") if val_ids else ("train_loss", "min")
     progress: Queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -348,7 +514,7 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
         run_config=RunConfig(
             name=f"{ctx.spec.name}-{stage.name}-{fingerprint}",
             storage_path=_storage_path(ctx.archive),
-            failure_config=FailureConfig(max_failures=1),
+            failure_config=FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=stage.keep_checkpoints,
                 checkpoint_score_attribute=score[0],
@@ -396,10 +562,15 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
         ctx.tracker.log_model_dir(model_dir, f"models/{stage.name}")
-    name = stage.register_as or f"{ctx.spec.name}-{stage.name}"
+    name = ctx.spec.model_name(stage.name)
     model_uri = register_model(ctx.tracking_uri, name, ctx.tracker.run_id, f"models/{stage.name}")
+    version = model_uri.rsplit("/", 1)[1]
+    if stage.alias == CHALLENGER:  # also tags the version's role
+        set_challenger(ctx.tracking_uri, name, version)
+    elif stage.alias:
+        tracking_client(ctx.tracking_uri).set_registered_model_alias(name, stage.alias, version)
     final = {k: v for k, v in (fit_result.metrics or {}).items() if isinstance(v, (int, float))}
     chosen_facts = {"best_epoch": state.get("best_epoch"), "best_val_psnr": state.get("best")}
     ctx.tracker.log_metrics({f"{stage.name}/{k}": v for k, v in chosen_facts.items() if v is not None})
-    outputs = {"model_uri": model_uri, "metrics": final, "registered": chosen_facts}
+    outputs = {"model_uri": model_uri, "metrics": final, "registered": chosen_facts, "init_from": init_uri}
     return StageResult(outputs=outputs, done=len(train_ids))

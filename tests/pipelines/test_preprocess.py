@@ -29,6 +29,7 @@ from operators.transforms import (
 )
 from pipelines.context import StageContext
 from pipelines.errors import IntegrityError
+from pipelines.fingerprint import scan_fingerprint
 from pipelines.integrity import slab_crc, slab_record
 from pipelines.preprocess import make_plan, run, source_spacing
 from pipelines.spec import PipelineSpec, PreprocessStage
@@ -222,7 +223,11 @@ def test_output_equals_the_in_memory_reference_and_is_chunk_aligned_and_verified
               "shape": (20, 16, 18), "slab": 4}  # fmt: skip
     result = run_stage(archive, tracking, **fields)
     assert (result.done, result.skipped, result.failed) == (2, 0, {})
-    assert result.units == {"derived/preprocessed": "fp-pre"}
+    # Per scan: the stage's identity chained with that scan's source commit.
+    sources = archive.committed("source")
+    assert result.units == {
+        "derived/preprocessed": {s: scan_fingerprint("fp-pre", sources[s]) for s in ("s0", "s1")}
+    }
 
     stage = PreprocessStage(kind="preprocess", **fields)
     out = archive.read_array("s0", "derived/preprocessed")  # checksum-verified read

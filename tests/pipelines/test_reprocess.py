@@ -17,7 +17,6 @@ import pytest
 
 from pipelines.methods import parse_method
 from pipelines.recon import Reconstructor, recon_code_version, resolve_methods
-from pipelines.runner import external_data_fingerprint
 from pipelines.spec import SolverOptions
 from pipelines.store import Archive
 from tests.pipelines.helpers import archive_with_model, medrecon, stage_row, wait_for
@@ -43,7 +42,8 @@ def clean_records(archive: Archive, root: Path) -> dict[str, list[int]]:
                 copy.uncommit(unit, scan)
     options = {"cs_tv": SolverOptions(max_iter=150, tol=0.0)}
     methods = resolve_methods([parse_method("cs_tv")], options, "sqlite:///unused.db")
-    fps = {m.key: m.fingerprint(external_data_fingerprint(copy), recon_code_version()) for m in methods}
+    measured = copy.committed("measurements")
+    fps = {m.key: {s: m.fingerprint(measured[s], recon_code_version()) for s in measured} for m in methods}
     rec = Reconstructor(copy.uri, {}, [asdict(m) for m in methods], fps)
     rec({"scan_id": np.array(copy.scans("all"))})
     return {s: r["arrays"]["recon/cs_tv"]["crc32"] for s, r in committed(copy, "recon/cs_tv").items()}

@@ -91,8 +91,18 @@ def test_unknown_model_kwarg_and_method_list_the_choices(tmp_path, raw):
 
 
 def test_stage_kinds_come_from_one_registry():
-    assert list(STAGE_KINDS) == ["phantoms", "ingest", "preprocess", "simulate", "train", "recon", "evaluate"]
+    assert list(STAGE_KINDS) == [
+        "phantoms",
+        "ingest",
+        "preprocess",
+        "simulate",
+        "train",
+        "gate",
+        "recon",
+        "evaluate",
+    ]
     assert STAGE_KINDS["recon"].runner().__module__ == "pipelines.recon"
+    assert STAGE_KINDS["gate"].runner().__module__ == "pipelines.gate"
     assert all(k.spec.model_fields["kind"].annotation.__args__ == (name,) for name, k in STAGE_KINDS.items())
 
 

@@ -24,7 +24,10 @@ def reconstructor(archive, methods, options=None, tracking_uri="sqlite:///unused
     """A Reconstructor for ``methods`` as a recon stage would build it (fingerprints on ``upstream``)."""
     opts = {k: SolverOptions.model_validate(v) for k, v in (options or {}).items()}
     resolved = resolve_methods([parse_method(m) for m in methods], opts, tracking_uri)
-    fps = {m.key: m.fingerprint(upstream, recon_code_version()) for m in resolved}
+    fps = {
+        m.key: {s: m.fingerprint(upstream, recon_code_version()) for s in archive.committed("source")}
+        for m in resolved
+    }
     return Reconstructor(archive.uri, {}, [asdict(m) for m in resolved], fps, tracking_uri)
 
 
@@ -177,7 +180,7 @@ def test_a_method_that_fails_on_a_scan_is_quarantined_alone(archive):
     out = rec({"scan_id": np.array(["s0"])})
     assert list(out["status"]) == ["failed"]
     assert "recon/fbp" in out["error"][0] and "does not apply to MRI scan 's0'" in out["error"][0]
-    assert archive.is_committed("recon/zero_filled", "s0", rec.fingerprints["zero_filled"])
+    assert archive.is_committed("recon/zero_filled", "s0", rec.fingerprints["zero_filled"]["s0"])
     assert "s0" in archive.quarantined("recon/fbp") and not archive.has_array("s0", "recon/fbp")
 
 
