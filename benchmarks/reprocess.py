@@ -54,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +71,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from benchmarks.timing import print_table, write_json  # noqa: E402
+from benchmarks.timing import measured_with_others_cpu, print_table, write_json  # noqa: E402
 from operators import recon  # noqa: E402
 from operators.phantoms import random_ellipsoids  # noqa: E402
 from pipelines.fanout import process_scan  # noqa: E402
@@ -136,67 +135,6 @@ def _recon_commits(archive: Archive) -> list[dict[str, Any]]:
 
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
-
-
-class _OthersCpu:
-    """The share of the CPUs that processes outside this process tree used while it was open.
-
-    The machine's busy time comes from ``psutil.cpu_times``; this tree's (Ray's processes and the
-    actors included) from sampling each descendant every 0.25 s, since the raylet does not account
-    for the actors it reaps. A descendant that exits loses at most its last 0.25 s (actors sit idle
-    at the end of a job).
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self._me = psutil.Process()
-        self._seen: dict[tuple[int, float], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample_loop, daemon=True)
-
-    def _busy(self) -> float:
-        t = self._psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq
-
-    def _sample(self) -> None:
-        for p in self._me.children(recursive=True):
-            try:
-                with p.oneshot():
-                    c = p.cpu_times()
-                    self._seen[(p.pid, p.create_time())] = c.user + c.system
-            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
-                continue
-
-    def _sample_loop(self) -> None:
-        while not self._stop.wait(0.25):
-            self._sample()
-
-    def __enter__(self) -> _OthersCpu:
-        self._sample()
-        self._base = dict(self._seen)
-        own = self._me.cpu_times()
-        self._own0, self._busy0, self._t0 = own.user + own.system, self._busy(), time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        own = self._me.cpu_times()
-        tree = own.user + own.system - self._own0
-        tree += sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
-        wall = time.perf_counter() - self._t0
-        self.share = max(0.0, self._busy() - self._busy0 - tree) / (wall * (os.cpu_count() or 1))
-
-
-def _measured(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``fn()``'s numbers plus ``others_cpu``: the share of the CPUs other processes used meanwhile."""
-    with _OthersCpu() as meter:
-        res = fn()
-    return {**res, "others_cpu": meter.share}
 
 
 def _niceness() -> int:
@@ -340,7 +278,7 @@ def throughput(
     measured: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
     for r in range(repeats):  # interleaved, so drift on the shared machine hits all three
         for key, fn in runs.items():
-            measured[key].append(_measured(fn))
+            measured[key].append(measured_with_others_cpu(fn))
         log.log(
             f"repeat {r + 1}/{repeats}: "
             + ", ".join(f"{k} {v[-1]['wall']:.1f} s" for k, v in measured.items())
@@ -350,7 +288,7 @@ def throughput(
     gcs = ray.get_runtime_context().gcs_address
     cli_args = ["reprocess", archive.uri, "--method", "cs_tv", "--option", f"cs_tv.max_iter={max_iter}",
                 "--option", "cs_tv.tol=0", "--actors", "2", "--tracking-uri", tracking_uri]  # fmt: skip
-    cli = _measured(lambda: run_cli(cli_args, gcs))
+    cli = measured_with_others_cpu(lambda: run_cli(cli_args, gcs))
     cli |= _commit_timing(archive, cli["start"], cli["wall"])
     log.log(f"CLI 2 actors {cli['wall']:.1f} s (pipeline's own total {cli['pipeline_total']} s)")
 

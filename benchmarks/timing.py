@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["median_time", "print_table", "write_json", "parse_device", "RESULTS_DIR"]
+__all__ = [
+    "median_time",
+    "print_table",
+    "write_json",
+    "parse_device",
+    "OthersCpu",
+    "measured_with_others_cpu",
+    "RESULTS_DIR",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -85,3 +95,64 @@ def parse_device(parser: argparse.ArgumentParser) -> argparse.Namespace:
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
     return args
+
+
+class OthersCpu:
+    """The share of the CPUs that processes outside this process tree used while it was open.
+
+    The machine's busy time comes from ``psutil.cpu_times``; this tree's (Ray's processes and the
+    actors included) from sampling each descendant every 0.25 s, since the raylet does not account
+    for the actors it reaps. A descendant that exits loses at most its last 0.25 s (actors sit idle
+    at the end of a job).
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_loop, daemon=True)
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq
+
+    def _sample(self) -> None:
+        for p in self._me.children(recursive=True):
+            try:
+                with p.oneshot():
+                    c = p.cpu_times()
+                    self._seen[(p.pid, p.create_time())] = c.user + c.system
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def __enter__(self) -> OthersCpu:
+        self._sample()
+        self._base = dict(self._seen)
+        own = self._me.cpu_times()
+        self._own0, self._busy0, self._t0 = own.user + own.system, self._busy(), time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        own = self._me.cpu_times()
+        tree = own.user + own.system - self._own0
+        tree += sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
+        wall = time.perf_counter() - self._t0
+        self.share = max(0.0, self._busy() - self._busy0 - tree) / (wall * (os.cpu_count() or 1))
+
+
+def measured_with_others_cpu(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s numbers plus ``others_cpu``: the share of the CPUs other processes used meanwhile."""
+    with OthersCpu() as meter:
+        res = fn()
+    return {**res, "others_cpu": meter.share}
