@@ -71,14 +71,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from benchmarks.archives import simulated_archive  # noqa: E402
 from benchmarks.timing import measured_with_others_cpu, print_table, write_json  # noqa: E402
 from operators import recon  # noqa: E402
-from operators.phantoms import random_ellipsoids  # noqa: E402
-from pipelines.fanout import process_scan  # noqa: E402
 from pipelines.physics import Acquisition  # noqa: E402
-from pipelines.simulate import simulate_scan  # noqa: E402
-from pipelines.spec import SimulateStage  # noqa: E402
-from pipelines.store import MEASUREMENTS, SOURCE, Archive, CatalogRow  # noqa: E402
+from pipelines.store import Archive  # noqa: E402
 
 BAR_LOOP = 0.85  # 1 actor / loop
 BAR_SCALING = 1.6  # 2 actors / 1 actor
@@ -93,24 +90,8 @@ SAMPLE_S = 0.02
 # -- archives (setup, not timed) -------------------------------------------------------------------
 def build_archive(path: Path, n: int, shape: tuple[int, int, int]) -> tuple[Archive, list[str]]:
     """``n`` committed phantoms in split "test", each simulated (1 coil, 4x random_1d, 40 dB), no Ray."""
-    archive = Archive(str(path), create=True)
     ids = [f"s{i:04d}" for i in range(n)]
-    for i, scan_id in enumerate(ids):
-        record = archive.write_array(scan_id, "image", random_ellipsoids(shape, seed=i).image)
-        archive.commit(SOURCE, scan_id, "fp-source", arrays={"image": record})
-    archive.write_catalog([CatalogRow(s, "mri", shape, (1.0, 1.0, 1.0), "phantom", "", "test") for s in ids])
-    stage = SimulateStage(kind="simulate")  # defaults: 1 coil, 4x random_1d, 40 dB
-    for scan_id in ids:
-        outcome = process_scan(
-            archive, MEASUREMENTS, scan_id, "fp-sim", simulate_scan, ["kspace", "mask", "coil_maps"],
-            {"stage": stage, "seed": SEED},
-        )  # fmt: skip
-        if outcome.status != "done":
-            raise RuntimeError(f"simulate failed for {scan_id}: {outcome.error}")
-    archive.commit_stage(
-        "simulate", "fp-sim", kind="simulate", units={MEASUREMENTS: "fp-sim", SOURCE: "fp-source"}
-    )
-    return archive, ids
+    return simulated_archive(path, ids, shape, "test", SEED), ids
 
 
 def forget_recons(archive: Archive) -> None:

@@ -80,16 +80,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from benchmarks.archives import simulated_archive  # noqa: E402
 from benchmarks.timing import measured_with_others_cpu, print_table, write_json  # noqa: E402
 from models.losses import make_loss  # noqa: E402
 from models.optim import make_optimizer, make_schedule  # noqa: E402
 from models.registry import build_model  # noqa: E402
-from operators.phantoms import random_ellipsoids  # noqa: E402
 from pipelines import train as train_module  # noqa: E402
-from pipelines.fanout import process_scan  # noqa: E402
-from pipelines.simulate import simulate_scan  # noqa: E402
-from pipelines.spec import SimulateStage, TrainStage  # noqa: E402
-from pipelines.store import MEASUREMENTS, SOURCE, Archive, CatalogRow  # noqa: E402
+from pipelines.spec import TrainStage  # noqa: E402
+from pipelines.store import Archive  # noqa: E402
 from pipelines.tracking import client, start_pipeline_run  # noqa: E402
 from pipelines.train import SliceDataset, TrainJob, train_loop_per_worker  # noqa: E402
 
@@ -106,24 +104,8 @@ DIAGNOSTIC = "Ray Train, 1 worker, no progress queue (diagnostic)"
 # -- setup (not timed) -----------------------------------------------------------------------------
 def build_archive(path: Path) -> tuple[Archive, list[str]]:
     """``SCANS`` committed phantoms in split "train", each simulated (1 coil, 4x random_1d, 40 dB), no Ray."""
-    archive = Archive(str(path), create=True)
     ids = [f"s{i}" for i in range(SCANS)]
-    for i, scan_id in enumerate(ids):
-        record = archive.write_array(scan_id, "image", random_ellipsoids(SHAPE, seed=i).image)
-        archive.commit(SOURCE, scan_id, "fp-source", arrays={"image": record})
-    archive.write_catalog([CatalogRow(s, "mri", SHAPE, (1.0, 1.0, 1.0), "phantom", "", "train") for s in ids])
-    stage = SimulateStage(kind="simulate")  # defaults: 1 coil, 4x random_1d, 40 dB
-    for scan_id in ids:
-        outcome = process_scan(
-            archive, MEASUREMENTS, scan_id, "fp-sim", simulate_scan, ["kspace", "mask", "coil_maps"],
-            {"stage": stage, "seed": SEED},
-        )  # fmt: skip
-        if outcome.status != "done":
-            raise RuntimeError(f"simulate failed for {scan_id}: {outcome.error}")
-    archive.commit_stage(
-        "simulate", "fp-sim", kind="simulate", units={MEASUREMENTS: "fp-sim", SOURCE: "fp-source"}
-    )
-    return archive, ids
+    return simulated_archive(path, ids, SHAPE, "train", SEED), ids
 
 
 def make_stage(epochs: int, workers: int = 1) -> TrainStage:
