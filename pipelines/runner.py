@@ -243,15 +243,16 @@ def run_pipeline(
         lease.release()
 
 
-def _record_end(archive: Archive, spec: PipelineSpec, started_at: str, run_id: str, status: str) -> None:
+def _record_run(archive: Archive, spec: PipelineSpec, started_at: str, run_id: str, status: str) -> None:
+    """Record a keyed run's status; FINISHED adds the time the next key counts new scans from."""
     if spec.run_key is None:
         return
-    previous = next((r for r in archive.runs(spec.name) if r.get("run_key") == spec.run_key), {})
-    if previous.get("status") == "FINISHED":  # a failed re-run does not undo a finished night
-        return
-    archive.record_run(
-        spec.name, spec.run_key, {"started_at": started_at, "status": status, "run_id": run_id}
-    )
+    record = {"started_at": started_at, "status": status, "run_id": run_id}
+    if status == "FINISHED":
+        record["finished_at"] = datetime.now(UTC).isoformat(timespec="microseconds")
+    elif (archive.run_record(spec.name, spec.run_key) or {}).get("status") == "FINISHED":
+        return  # a re-run that fails (or is starting) does not undo a finished night
+    archive.record_run(spec.name, spec.run_key, record)
 
 
 def _run(
@@ -280,7 +281,7 @@ def _run(
     started_at = datetime.now(UTC).isoformat(timespec="microseconds")
     if spec.run_key is not None:
         tracker.set_tags({"medrecon.run_key": spec.run_key})
-        _record_end(archive, spec, started_at, run_id, "RUNNING")
+        _record_run(archive, spec, started_at, run_id, "RUNNING")
     try:
         started = ensure_ray(spec, verbose, console.print)
         check_resources(spec.of_kind("train"), ray_resources())  # before any stage: Ray would wait forever
@@ -329,25 +330,14 @@ def _run(
             )
             for scan_id, error in result.failed.items():
                 console.print(f"[yellow]{stage.name}: scan {scan_id} quarantined: {error}[/]")
-        if spec.run_key is not None:  # what the next key's new scans are counted from
-            finished_at = datetime.now(UTC).isoformat(timespec="microseconds")
-            archive.record_run(
-                spec.name,
-                spec.run_key,
-                {
-                    "started_at": started_at,
-                    "finished_at": finished_at,
-                    "status": "FINISHED",
-                    "run_id": run_id,
-                },
-            )
+        _record_run(archive, spec, started_at, run_id, "FINISHED")
         finish_run(tracking_uri, run_id, "FINISHED")
     except KeyboardInterrupt:
-        _record_end(archive, spec, started_at, run_id, "KILLED")
+        _record_run(archive, spec, started_at, run_id, "KILLED")
         finish_run(tracking_uri, run_id, "KILLED")
         raise
     except BaseException:
-        _record_end(archive, spec, started_at, run_id, "FAILED")
+        _record_run(archive, spec, started_at, run_id, "FAILED")
         finish_run(tracking_uri, run_id, "FAILED")
         raise
     finally:

@@ -537,6 +537,10 @@ class Archive:
             self._path("_meta", "runs", pipeline, f"{run_key}.json"), {"run_key": run_key, **record}
         )
 
+    def run_record(self, pipeline: str, run_key: str) -> dict[str, Any] | None:
+        """The record of one keyed run of ``pipeline``, or None."""
+        return self._read_json(self._path("_meta", "runs", pipeline, f"{run_key}.json"))
+
     def runs(self, pipeline: str) -> list[dict[str, Any]]:
         """Every recorded keyed run of ``pipeline``, oldest start first."""
         folder = self._path("_meta", "runs", pipeline)

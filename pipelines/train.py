@@ -45,7 +45,6 @@ from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import progress_bar
 from pipelines.physics import Acquisition
-from pipelines.preflight import check_resources, ray_resources
 from pipelines.spec import Augment, Spec, TrainMasks, TrainStage
 from pipelines.store import MEASUREMENTS, Archive
 from pipelines.tracking import MlflowTracker, register_model
@@ -321,6 +320,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augmenter = Augmenter(stage.augment) if stage.augment is not None else None
 
     per_rank = len(train_set) // world
+    if per_rank == 0:
+        raise StageError(
+            f"train stage {stage.name!r}: {len(train_set)} training slices for {world} workers; "
+            "every worker needs at least one: lower workers or add training scans"
+        )
     batches_per_epoch = max(1, math.ceil(per_rank / stage.batch_size))
     steps_per_epoch = math.ceil(batches_per_epoch / stage.accumulate)
     torch.manual_seed(job.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -483,12 +487,7 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
             "stage must run first"
         )
         raise StageError(f"train stage {stage.name!r}: no training scans with committed measurements; {why}")
-    if len(train_ids) < stage.workers:
-        raise StageError(
-            f"train stage {stage.name!r}: {len(train_ids)} training scan(s) for {stage.workers} workers; "
-            "every worker needs at least one: lower workers or add training scans"
-        )
-    check_resources([stage], ray_resources())
+    # (The runner checked every train stage's CPUs and GPUs against the cluster before any stage.)
     init_uri = _resolve_init(ctx, stage)
     job = TrainJob(
         stage=stage,
