@@ -15,6 +15,7 @@ the archive (which pickles as its URI) and scan IDs, never volumes.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -142,9 +143,52 @@ def quarantine(
     return ""
 
 
+PROGRESS_LINE = "progress:"  # the prefix of a progress line; `medrecon status` reads the last one
+
+
+class _Progress(Progress):
+    """A rich bar that, where nothing redraws it (a job's log, a CI log), also prints plain lines.
+
+    Without a terminal a rich bar shows only when it ends. Here each task prints
+    ``progress: DESCRIPTION DONE/TOTAL`` at most every ``$MEDRECON_PROGRESS_EVERY`` seconds (10 by
+    default; ``medrecon submit`` sets 2) and when it completes: what a job's log needs to tell how
+    far a stage is (:mod:`pipelines.jobs` reads it for ``medrecon status``).
+    """
+
+    def __init__(self, *columns: Any, console: Console, **kwargs: Any) -> None:
+        super().__init__(*columns, console=console, **kwargs)
+        self._lines = not console.is_terminal
+        self._every = float(os.environ.get("MEDRECON_PROGRESS_EVERY", "10"))
+        self._printed: dict[Any, float] = {}
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._line(task_id)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._line(task_id)
+
+    def _line(self, task_id: Any) -> None:
+        if not self._lines:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        finished = task.total is not None and task.completed >= task.total
+        if not finished and now - self._printed.get(task_id, -1e9) < self._every:
+            return
+        if finished and self._printed.get(task_id) == float("inf"):
+            return
+        self._printed[task_id] = float("inf") if finished else now
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        self.console.print(
+            f"{PROGRESS_LINE} {task.description} {task.completed:.0f}/{total}", highlight=False, markup=False
+        )
+
+
 def progress_bar(console: Console) -> Progress:
-    """The rich progress bar every long step uses."""
-    return Progress(
+    """The rich progress bar every long step uses (plain lines too where there is no terminal)."""
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

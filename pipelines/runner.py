@@ -48,6 +48,8 @@ from pipelines.spec import STAGE_KINDS, PipelineSpec
 from pipelines.store import MEASUREMENTS, SOURCE, Archive, locate
 from pipelines.tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_pipeline_run
 
+STAGE_LINE = "stage:"  # the prefix of the line each stage starts with; `medrecon status` reads the last one
+
 __all__ = [
     "PlannedStage",
     "StageReport",
@@ -305,6 +307,7 @@ def _run(
                 step.data_fingerprint,
                 step.identity,
             )
+            console.print(f"{STAGE_LINE} {stage.name} ({stage.kind}) running", highlight=False, markup=False)
             t0 = time.perf_counter()
             try:
                 result = STAGE_KINDS[stage.kind].runner()(ctx, stage, fp)
