@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/integrity.py
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/submit_overhead.py
 
 # Learned reconstruction against tuned classical methods (about 2 hours on 2 CPU cores).
 bench-learned: install

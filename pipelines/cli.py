@@ -396,9 +396,11 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+from pipelines import jobs_cli  # noqa: E402
 from pipelines.models_cli import app as models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
+jobs_cli.register(app)
 
 
 def main() -> None:  # pragma: no cover - entry point
