@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from pipelines.errors import LeaseError
+from pipelines.store import OBJECT_STORES
 
 __all__ = ["ArchiveLease"]
 
@@ -93,6 +94,7 @@ class ArchiveLease:
         self.stale_after, self.heartbeat_every = stale_after, heartbeat_every
         protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
         self._local = "file" in protocols
+        self._object_store = bool(OBJECT_STORES & set(protocols))
         self.lost = False
         self._record: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -134,7 +136,8 @@ class ArchiveLease:
             finally:
                 os.unlink(tmp)
             return True
-        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        if not self._object_store:  # object stores have no folders, and s3fs's makedirs would
+            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)  # create a missing bucket
         try:
             self.fs.pipe_file(self.path, data, mode="create")
         except FileExistsError:

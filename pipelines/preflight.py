@@ -40,6 +40,7 @@ __all__ = [
     "check_memory",
     "check_tracking",
     "check_storage",
+    "s3_endpoint",
     "archive_shape",
     "check_models",
     "check_resources",
@@ -200,16 +201,24 @@ def _with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
 def check_storage(
     path: str, storage_options: dict[str, Any], *, creates: bool, timeout: float = 10.0
 ) -> None:
-    """Refuse an archive that is missing (and not created by this pipeline), a file, or unreachable."""
+    """Refuse an archive that is missing (and not created by this pipeline), a file, or unreachable.
+
+    An ``s3://`` archive is checked first for its endpoint and bucket (:func:`_check_s3`): messages
+    name both, and a missing bucket is refused even when the pipeline creates the archive.
+    """
     import fsspec
 
     shown = redact_uri(path)
-    finished, result = _with_timeout(lambda: fsspec.core.url_to_fs(path, **storage_options), timeout)
-    if not finished or isinstance(result, Exception):
-        raise PreflightError(
-            f"archive storage {shown} is not reachable ({result or f'no answer in {timeout:.0f} s'})"
-        )
-    fs, root = result
+    protocol = fsspec.core.split_protocol(path)[0]
+    if protocol in _S3_PROTOCOLS:
+        fs, root = _check_s3(path, storage_options, timeout)
+    else:
+        finished, result = _with_timeout(lambda: fsspec.core.url_to_fs(path, **storage_options), timeout)
+        if not finished or isinstance(result, Exception):
+            raise PreflightError(
+                f"archive storage {shown} is not reachable ({result or f'no answer in {timeout:.0f} s'})"
+            )
+        fs, root = result
     finished, found = _with_timeout(lambda: (fs.exists(f"{root}/zarr.json"), fs.isfile(root)), timeout)
     if not finished:
         raise PreflightError(f"archive storage {shown} is not reachable (no answer within {timeout:.0f} s)")
@@ -227,6 +236,117 @@ def check_storage(
         why = _writable_dir(root)
         if why:
             raise PreflightError(f"archive {shown} cannot be written: {why}")
+
+
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def s3_endpoint(storage_options: dict[str, Any]) -> str | None:
+    """The S3 endpoint an archive's s3fs talks to, as botocore chooses it: ``storage_options``'
+    ``endpoint_url`` (or ``client_kwargs.endpoint_url``), else ``$AWS_ENDPOINT_URL_S3``, else
+    ``$AWS_ENDPOINT_URL``; None for AWS's own endpoint."""
+    client_kwargs = storage_options.get("client_kwargs") or {}
+    found = storage_options.get("endpoint_url") or client_kwargs.get("endpoint_url")
+    if found:
+        return str(found)
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _tcp_refusal(url: str, timeout: float) -> str | None:
+    """Why nothing accepts a TCP connection at ``url``'s host and port (None if something does)."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return "refuses connections (connection refused)"
+    except TimeoutError:
+        return f"does not accept a connection within {timeout:.0f} s"
+    except socket.gaierror as exc:
+        return f"cannot be resolved ({exc.strerror or exc})"
+    except OSError as exc:
+        return f"cannot be reached ({exc.strerror or exc})"
+
+
+def _check_s3(path: str, storage_options: dict[str, Any], timeout: float) -> tuple[Any, str]:
+    """Check that the S3 endpoint answers and the archive's bucket exists; return a probe filesystem.
+
+    The probe filesystem is s3fs with one attempt and short timeouts (botocore and s3fs otherwise
+    retry with backoff: an endpoint that refuses connections took 11 s to fail one ``exists``).
+    The bucket is listed, never created: s3fs's ``makedirs`` would create a missing bucket, and
+    writing into a bucket named by a typo is worse than refusing it.
+    """
+    import fsspec
+
+    shown = redact_uri(path)
+    endpoint = s3_endpoint(storage_options)
+    where = redact_uri(endpoint) if endpoint else "the AWS S3 endpoint (no AWS_ENDPOINT_URL set)"
+    fix = "start it, or fix AWS_ENDPOINT_URL (or archive.storage_options.endpoint_url)"
+    if endpoint:
+        why = _tcp_refusal(endpoint, min(timeout, 3.0))
+        if why:
+            raise PreflightError(f"archive storage {shown}: the S3 endpoint {where} {why}; {fix}")
+    config = dict(storage_options.get("config_kwargs") or {})
+    config.update(
+        connect_timeout=min(timeout, 3.0),
+        read_timeout=timeout,
+        retries={"max_attempts": 1, "mode": "standard"},
+    )
+    probe_options = {**storage_options, "config_kwargs": config, "skip_instance_cache": True}
+    finished, result = _with_timeout(lambda: fsspec.core.url_to_fs(path, **probe_options), timeout)
+    if not finished or isinstance(result, Exception):
+        why = f"{type(result).__name__}: {result}" if finished else f"no answer in {timeout:.0f} s"
+        raise PreflightError(f"archive storage {shown}: cannot open the S3 filesystem at {where} ({why})")
+    fs, root = result
+    fs.retries = 1  # s3fs's own retry loop (a class attribute, 5); this instance is not shared
+    bucket, _, key = root.partition("/")
+    finished, listed = _with_timeout(
+        lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1), timeout
+    )
+    if not finished:
+        raise PreflightError(
+            f"archive storage {shown}: the S3 endpoint {where} did not answer within {timeout:.0f} s; {fix}"
+        )
+    if isinstance(listed, Exception):
+        raise PreflightError(f"archive storage {shown}: {_s3_failure(listed, bucket, where)}")
+    return fs, root
+
+
+def _s3_failure(exc: BaseException, bucket: str, where: str) -> str:
+    """One phrase for why listing ``bucket`` at ``where`` failed, with how to fix it."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    code = str(((getattr(cause, "response", None) or {}).get("Error") or {}).get("Code", ""))
+    name = type(cause).__name__
+    if code == "NoSuchBucket" or (isinstance(exc, FileNotFoundError) and not code):
+        return (
+            f"bucket {bucket!r} does not exist at {where}; create it (e.g. `aws s3 mb s3://{bucket}`) "
+            "or fix archive.path: medrecon never creates buckets"
+        )
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or isinstance(
+        exc, PermissionError
+    ):
+        return (
+            f"access to bucket {bucket!r} at {where} was denied ({code or name}); check "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and the bucket's policy"
+        )
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return (
+            f"no S3 credentials for {where} ({cause}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(credentials never go in the pipeline file)"
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+        return f"the S3 endpoint {where} cannot be reached ({cause}); fix AWS_ENDPOINT_URL"
+    return f"listing bucket {bucket!r} at {where} failed ({name}: {str(cause).splitlines()[0][:300]})"
 
 
 def archive_shape(archive: Any) -> tuple[int, int, int] | None:

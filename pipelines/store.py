@@ -60,6 +60,8 @@ from pipelines.integrity import ArrayReader, SlabWriter
 
 __all__ = [
     "locate",
+    "fs_options",
+    "OBJECT_STORES",
     "LAYOUT_VERSION",
     "SOURCE",
     "MEASUREMENTS",
@@ -187,12 +189,33 @@ def chunk_layout(
     return chunks, shards
 
 
+#: fsspec protocols of object stores: keys without folders, and listings cached (see :func:`fs_options`).
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
+
+
+def fs_options(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options an archive at ``uri`` opens its filesystem with: ``storage_options``, and on
+    object stores no directory-listing cache.
+
+    s3fs caches every non-empty listing for the life of its (process-wide, shared) instance, and
+    answers ``info``/``open``/``exists`` of a file from its folder's cached listing. Several
+    processes write one archive (the driver, Ray workers that live across tasks), so a cached
+    listing hid records written since: on moto, a driver that had listed
+    ``_meta/commits/measurements`` did not see a commit another process wrote next
+    (``committed()`` lacked it, ``is_committed()`` was False).
+    """
+    options = dict(storage_options or {})
+    if fsspec.core.split_protocol(uri)[0] in OBJECT_STORES:
+        options.setdefault("use_listings_cache", False)
+    return options
+
+
 def locate(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str, str, bool]:
     """``(filesystem, root path, canonical URI, is local)`` of an archive location; nothing is created.
 
     A local path becomes absolute (Ray workers do not share the driver's working directory).
     """
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(uri, **fs_options(uri, storage_options))
     is_local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     if is_local:
         root = os.path.abspath(root.rstrip("/"))
@@ -249,7 +272,9 @@ class Archive:
     def _zarr_store(self) -> Any:
         if self.is_local:
             return zarr.storage.LocalStore(self.root)
-        return zarr.storage.FsspecStore.from_url(self.uri, storage_options=self.storage_options or None)
+        return zarr.storage.FsspecStore.from_url(
+            self.uri, storage_options=fs_options(self.uri, self.storage_options)
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Archive, (self.uri, self.storage_options))

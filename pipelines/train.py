@@ -464,7 +464,23 @@ def _resolve_init(ctx: StageContext, stage: TrainStage) -> str | None:
 
 
 def _storage_path(archive: Archive) -> str:
-    return f"{archive.uri}/_meta/train"
+    """Where Ray Train keeps checkpoints: ``_meta/train`` of the archive, on :func:`_storage_filesystem`."""
+    return f"{archive.root}/_meta/train"  # a local archive's root is its absolute path
+
+
+def _storage_filesystem(archive: Archive) -> Any:
+    """The archive's own fsspec filesystem as pyarrow's, for a remote archive (None for a local one).
+
+    Given a bare ``s3://`` path, Ray Train would open its own pyarrow S3 filesystem, which knows
+    nothing of the archive's ``storage_options`` (an ``endpoint_url`` or keys there): checkpoints
+    would go elsewhere than the archive, or nowhere. Wrapping the archive's filesystem sends them
+    exactly where the archive is (the path is then given without its scheme).
+    """
+    if archive.is_local:
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(archive.fs))
 
 
 def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
@@ -513,6 +529,7 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
         run_config=RunConfig(
             name=f"{ctx.spec.name}-{stage.name}-{fingerprint}",
             storage_path=_storage_path(ctx.archive),
+            storage_filesystem=_storage_filesystem(ctx.archive),
             failure_config=FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=stage.keep_checkpoints,
