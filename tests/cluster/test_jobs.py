@@ -122,27 +122,28 @@ def test_a_missing_or_wrong_token_is_refused_with_how_to_give_one(head, tmp_path
 def test_stop_leaves_the_archive_resumable(head, tmp_path):
     archive = tmp_path / "archive"
     slow = [
-        "--set", f"archive.path={archive}", "--set", "phantoms.n_scans=8", "--set", "recon.split=all",
-        "--set", "phantoms.split={train: 2, val: 2, test: 4}", "--set", "phantoms.shape=[8, 64, 64]",
-        "--set", "recon.methods=[cs_tv]", "--set", "recon.options={cs_tv: {max_iter: 1200, tol: 1.0e-9}}",
+        "--set", f"archive.path={archive}", "--set", "phantoms.n_scans=12", "--set", "recon.split=all",
+        "--set", "phantoms.split={train: 4, val: 4, test: 4}", "--set", "phantoms.shape=[8, 64, 64]",
+        "--set", "recon.methods=[cs_tv]", "--set", "recon.options={cs_tv: {max_iter: 2000, tol: 1.0e-9}}",
         "--set", "recon.actors=1",
     ]  # fmt: skip
     first = medrecon(head, "submit", SPEC, *slow)
     assert first.returncode == 0, first.stderr
     job = submitted_id(first.stdout)
-    # stop once the recon stage has committed some scans, not all (about 1.5 s a scan)
-    head.wait(job, lambda info, log: re.search(r"progress: reconstruct \(cs_tv\) [1-7]/8", log))
-    status = medrecon(head, "status", job)
-    assert re.search(r"stage\s+recon \(recon\) running", status.stdout), status.stdout
-    assert re.search(r"progress\s+reconstruct \(cs_tv\) \d+/8", status.stdout), status.stdout
+    # stop once the recon stage has committed some scans, not all (about 2.5 s a scan)
+    head.wait(job, lambda info, log: re.search(r"progress: reconstruct \(cs_tv\) ([1-9]|1[01])/12", log))
     stopped = medrecon(head, "stop", job)
     assert stopped.returncode == 0, stopped.stderr
     assert f"job {job}: STOPPED" in stopped.stdout
+    status = medrecon(head, "status", job)
+    assert re.search(r"status\s+STOPPED", status.stdout), status.stdout
+    assert re.search(r"stage\s+recon \(recon\) running", status.stdout), status.stdout
+    assert re.search(r"progress\s+reconstruct \(cs_tv\) \d+/12", status.stdout), status.stdout
     log = head.logs(job)
     assert "interrupted: what was committed stays" in log  # SIGTERM took Ctrl-C's path
     assert not (archive / "_meta" / "lease.json").exists()  # the lease was released
     committed = sorted((archive / "_meta" / "commits" / "recon" / "cs_tv").glob("*.json"))
-    assert 0 < len(committed) < 8, committed
+    assert 0 < len(committed) < 12, committed
     with sqlite3.connect(tmp_path / "mlflow.db") as db:  # the run was ended, as KILLED
         assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
 
@@ -153,4 +154,4 @@ def test_stop_leaves_the_archive_resumable(head, tmp_path):
     assert "phantoms: unchanged" in out and "simulate: unchanged" in out
     row = re.search(r"recon\s+│\s+ran\s+│\s+[\d.]+\s+│\s+(\d+)\s+│\s+(\d+)\s+│\s+0", out)
     assert row, out
-    assert int(row.group(1)) + int(row.group(2)) == 8 and int(row.group(2)) >= len(committed)
+    assert int(row.group(1)) + int(row.group(2)) == 12 and int(row.group(2)) >= len(committed)
