@@ -45,42 +45,71 @@ def submitted_id(out: str) -> str:
     return found.group(1)
 
 
-@pytest.mark.timeout(300)
-def test_submit_runs_once_and_is_followed_to_the_end(head, tmp_path):
+@pytest.mark.timeout(400)
+def test_submit_stop_resubmit_and_submit_again(head, tmp_path):
+    """One pipeline through the whole life of a job: submitted, stopped in its recon stage,
+    submitted again (it resumes, followed to SUCCEEDED), and submitted once more (nothing new)."""
     archive = tmp_path / "archive"
-    done = medrecon(head, "submit", SPEC, "--set", f"archive.path={archive}", "--wait")
-    assert done.returncode == 0, done.stdout + done.stderr
-    job = submitted_id(done.stdout)
-    assert re.fullmatch(r"medrecon-tiny-[0-9a-f]{16}", job)
-    # --wait streamed the driver's log: every stage, the results table, the job's end
-    for stage in ("phantoms", "simulate", "recon", "evaluate"):
-        assert f"stage: {stage} ({stage}) running" in done.stdout
-    assert "zero_filled" in done.stdout and f"job {job}: SUCCEEDED" in done.stdout
-    assert (archive / "zarr.json").is_file() and (tmp_path / "mlflow.db").is_file()
+    slow = [
+        "--set", f"archive.path={archive}", "--set", "phantoms.n_scans=12", "--set", "recon.split=all",
+        "--set", "phantoms.split={train: 4, val: 4, test: 4}", "--set", "phantoms.shape=[8, 64, 64]",
+        "--set", "recon.methods=[cs_tv]", "--set", "recon.options={cs_tv: {max_iter: 2000, tol: 1.0e-9}}",
+        "--set", "recon.actors=1",
+    ]  # fmt: skip
+    first = medrecon(head, "submit", SPEC, *slow)
+    assert first.returncode == 0, first.stderr
+    job = submitted_id(first.stdout)
+    assert re.fullmatch(r"medrecon-tiny-[0-9a-f]{16}", job) and "submitted" in first.stdout
 
-    # The same submission again is the same job: nothing new starts.
-    again = medrecon(head, "submit", SPEC, "--set", f"archive.path={archive}")
-    assert again.returncode == 0, again.stderr
-    assert submitted_id(again.stdout) == job and "already submitted" in again.stdout
-    jobs = [j for j in head.get("/api/jobs/") if j["submission_id"].startswith("medrecon-tiny-")]
-    assert [j["submission_id"] for j in jobs if j["submission_id"] == job] == [job]
-    assert len({j["submission_id"] for j in jobs}) == len(jobs)
+    # Stop it once the recon stage has committed some scans, not all (about 2.5 s a scan).
+    head.wait(job, lambda info, log: re.search(r"progress: reconstruct \(cs_tv\) ([1-9]|1[01])/12", log))
+    stopped = medrecon(head, "stop", job)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"job {job}: STOPPED" in stopped.stdout
+    status = medrecon(head, "status", job)
+    assert re.search(r"status\s+STOPPED", status.stdout), status.stdout
+    assert re.search(r"stage\s+recon \(recon\) running", status.stdout), status.stdout
+    assert re.search(r"progress\s+reconstruct \(cs_tv\) \d+/12", status.stdout), status.stdout
+    assert "interrupted: what was committed stays" in head.logs(job)  # SIGTERM took Ctrl-C's path
+    assert not (archive / "_meta" / "lease.json").exists()  # the lease was released
+    committed = sorted((archive / "_meta" / "commits" / "recon" / "cs_tv").glob("*.json"))
+    assert 0 < len(committed) < 12, committed
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # the run was ended, as KILLED
+        assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
+
+    # Submitted again: a new job that redoes only what was not committed, followed to its end.
+    again = medrecon(head, "submit", SPEC, *slow, "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert submitted_id(again.stdout) == f"{job}-r2"
+    out = again.stdout
+    assert "phantoms: unchanged" in out and "simulate: unchanged" in out
+    assert "stage: recon (recon) running" in out and "stage: evaluate (evaluate) running" in out
+    row = re.search(r"recon\s+│\s+ran\s+│\s+[\d.]+\s+│\s+(\d+)\s+│\s+(\d+)\s+│\s+0", out)
+    assert row, out
+    assert int(row.group(1)) + int(row.group(2)) == 12 and int(row.group(2)) >= len(committed)
+    assert "cs_tv" in out and f"job {job}-r2: SUCCEEDED" in out
+
+    # Once more: that job succeeded, so nothing new starts.
+    once_more = medrecon(head, "submit", SPEC, *slow)
+    assert once_more.returncode == 0, once_more.stderr
+    assert submitted_id(once_more.stdout) == f"{job}-r2" and "already submitted" in once_more.stdout
+    ids = [j["submission_id"] for j in head.get("/api/jobs/")]
+    assert sorted(i for i in ids if i.startswith(job)) == [job, f"{job}-r2"]
 
     listed = medrecon(head, "jobs", "list")
-    assert listed.returncode == 0 and job in listed.stdout and "SUCCEEDED" in listed.stdout
-    status = medrecon(head, "status", job)
-    assert status.returncode == 0, status.stderr
-    assert re.search(r"status\s+SUCCEEDED", status.stdout)
-    assert re.search(r"stage\s+evaluate \(evaluate\) running", status.stdout)  # the last one to start
-    logs = medrecon(head, "logs", job)
-    assert logs.returncode == 0 and "progress: simulate k-space 4/4" in logs.stdout
+    assert listed.returncode == 0 and f"{job}-r2" in listed.stdout and "STOPPED" in listed.stdout
+    done = medrecon(head, "status", f"{job}-r2")
+    assert re.search(r"status\s+SUCCEEDED", done.stdout), done.stdout
+    assert re.search(r"stage\s+evaluate \(evaluate\) running", done.stdout)  # the last one to start
+    logs = medrecon(head, "logs", f"{job}-r2")
+    assert logs.returncode == 0 and "progress: reconstruct (cs_tv) 12/12" in logs.stdout
 
-    # The token is nowhere the job or its results can be read back.
-    info = head.job(job)
-    captured = done.stdout + done.stderr + again.stdout + status.stdout + logs.stdout + listed.stdout
-    assert head.token not in json.dumps(info) + captured
-    assert info["metadata"]["medrecon.pipeline"] == "tiny"
-    assert info["entrypoint"].startswith("medrecon run tests/cluster/specs/tiny.yaml")
+    # The token is nowhere the jobs or their results can be read back.
+    infos = json.dumps([head.job(job), head.job(f"{job}-r2")])
+    assert '"medrecon.pipeline": "tiny"' in infos and "medrecon run tests/cluster/specs/tiny.yaml" in infos
+    commands = (first, stopped, status, again, once_more, listed, done, logs)
+    captured = "".join(p.stdout + p.stderr for p in commands)
+    assert head.token not in infos + captured + head.logs(job)
     for path in archive.rglob("*"):
         if path.is_file():
             assert head.token.encode() not in path.read_bytes(), path
@@ -116,42 +145,3 @@ def test_a_missing_or_wrong_token_is_refused_with_how_to_give_one(head, tmp_path
         timeout=60,
     )
     assert nothing.returncode == 2 and "no Ray Jobs API answers at http://127.0.0.1:9" in nothing.stderr
-
-
-@pytest.mark.timeout(400)
-def test_stop_leaves_the_archive_resumable(head, tmp_path):
-    archive = tmp_path / "archive"
-    slow = [
-        "--set", f"archive.path={archive}", "--set", "phantoms.n_scans=12", "--set", "recon.split=all",
-        "--set", "phantoms.split={train: 4, val: 4, test: 4}", "--set", "phantoms.shape=[8, 64, 64]",
-        "--set", "recon.methods=[cs_tv]", "--set", "recon.options={cs_tv: {max_iter: 2000, tol: 1.0e-9}}",
-        "--set", "recon.actors=1",
-    ]  # fmt: skip
-    first = medrecon(head, "submit", SPEC, *slow)
-    assert first.returncode == 0, first.stderr
-    job = submitted_id(first.stdout)
-    # stop once the recon stage has committed some scans, not all (about 2.5 s a scan)
-    head.wait(job, lambda info, log: re.search(r"progress: reconstruct \(cs_tv\) ([1-9]|1[01])/12", log))
-    stopped = medrecon(head, "stop", job)
-    assert stopped.returncode == 0, stopped.stderr
-    assert f"job {job}: STOPPED" in stopped.stdout
-    status = medrecon(head, "status", job)
-    assert re.search(r"status\s+STOPPED", status.stdout), status.stdout
-    assert re.search(r"stage\s+recon \(recon\) running", status.stdout), status.stdout
-    assert re.search(r"progress\s+reconstruct \(cs_tv\) \d+/12", status.stdout), status.stdout
-    log = head.logs(job)
-    assert "interrupted: what was committed stays" in log  # SIGTERM took Ctrl-C's path
-    assert not (archive / "_meta" / "lease.json").exists()  # the lease was released
-    committed = sorted((archive / "_meta" / "commits" / "recon" / "cs_tv").glob("*.json"))
-    assert 0 < len(committed) < 12, committed
-    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # the run was ended, as KILLED
-        assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
-
-    again = medrecon(head, "submit", SPEC, *slow, "--wait")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert submitted_id(again.stdout) == f"{job}-r2"  # a stopped job is submitted afresh
-    out = again.stdout
-    assert "phantoms: unchanged" in out and "simulate: unchanged" in out
-    row = re.search(r"recon\s+│\s+ran\s+│\s+[\d.]+\s+│\s+(\d+)\s+│\s+(\d+)\s+│\s+0", out)
-    assert row, out
-    assert int(row.group(1)) + int(row.group(2)) == 12 and int(row.group(2)) >= len(committed)
