@@ -29,7 +29,7 @@ quickstart: install
 test: install
 	@mkdir -p .tmp
 	$(BIN)/ruff check operators models pipelines tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install
 	@mkdir -p .tmp benchmarks/results
