@@ -447,18 +447,32 @@ def _fits(model: Any, model_spec: dict[str, Any], op: Any, what: str) -> None:
 
 
 def ray_resources() -> dict[str, float]:
-    """What the Ray cluster has now (CPU, GPU), from the live session."""
+    """The CPUs and GPUs the Ray cluster has, or can grow to: the larger of what is up now and what
+    its autoscaler's node groups may add at most.
+
+    An autoscaling cluster (the launcher YAML's and KubeRay's GPU groups start at 0 nodes) has no
+    GPU until a task asks for one; its autoscaler publishes its node groups' maxima in the GCS,
+    which is what Ray Train itself checks a worker group against (the same call). Without an
+    autoscaler only what is up counts.
+    """
     import ray
 
-    return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    have = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API: without it, what is up now is what counts
+        most = {}
+    for key in ("CPU", "GPU"):
+        if most.get(key):
+            have[key] = max(have.get(key, 0.0), float(most[key]))
+    return have
 
 
 def check_resources(stages: list[Any], available: dict[str, float]) -> None:
-    """Refuse a train stage that asks for more CPUs or GPUs than the cluster has: Ray would wait forever.
-
-    (An autoscaling cluster that can grow should keep its minimum large enough, or set the workers
-    to what it has.)
-    """
+    """Refuse a train stage that asks for more CPUs or GPUs than the cluster has or can grow to
+    (:func:`ray_resources`): Ray would wait forever."""
     for stage in stages:
         _check_stage_resources(stage, available)
 
@@ -471,6 +485,6 @@ def _check_stage_resources(stage: Any, available: dict[str, float]) -> None:
             per = stage.cpus_per_worker if what == "CPU" else stage.gpus_per_worker
             raise PreflightError(
                 f"train stage {stage.name!r} asks for {need:g} {what}s ({stage.workers} workers x {per:g}), "
-                f"but the Ray cluster has {have:g}; lower workers or {what.lower()}s_per_worker, or use a "
-                "larger cluster"
+                f"but the Ray cluster has {have:g} (counting what its autoscaler may add); lower workers "
+                f"or {what.lower()}s_per_worker, or use a larger cluster"
             )

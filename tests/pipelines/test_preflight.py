@@ -67,3 +67,28 @@ def test_tracking_and_archive_paths_that_cannot_be_written(tmp_path):
     with pytest.raises(PreflightError, match=r"archive .*nope not found .*phantoms stage first"):
         check_storage(str(tmp_path / "nope"), {}, creates=False)
     check_storage(str(tmp_path / "new"), {}, creates=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_an_autoscaler_that_can_add_gpus_counts_as_having_them(ray_session):
+    """A GPU group at 0 nodes (the launcher's and KubeRay's) has no GPU until asked: its maxima count."""
+    import ray._raylet as raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from pipelines.preflight import ray_resources
+
+    now = ray_resources()
+    assert now.get("GPU", 0.0) == 0.0 and now["CPU"] == 2.0  # the session's embedded Ray
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, most in (("cpu", {"CPU": 4}, 3), ("gpu", {"CPU": 8, "GPU": 1}, 2)):
+        group = config.node_group_configs.add(name=name, max_count=most)
+        group.resources.update(resources)
+    namespace, key = raylet.GCS_AUTOSCALER_STATE_NAMESPACE, raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        assert ray_resources() == {"CPU": 28.0, "GPU": 2.0}  # 3 x 4 + 2 x 8 CPUs, 2 x 1 GPUs
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    assert ray_resources() == now
