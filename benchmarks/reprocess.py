@@ -72,7 +72,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from benchmarks.archives import simulated_archive  # noqa: E402
-from benchmarks.timing import measured_with_others_cpu, print_table, write_json  # noqa: E402
+from benchmarks.timing import measured_with_others_cpu, print_table, write_run  # noqa: E402
 from operators import recon  # noqa: E402
 from pipelines.physics import Acquisition  # noqa: E402
 from pipelines.store import Archive  # noqa: E402
@@ -447,14 +447,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
-    payload["wall_s"] = time.perf_counter() - t_start
-    payload["loadavg_end"] = os.getloadavg()
-    path = write_json("reprocess", payload)
-    start, end = (", ".join(f"{x:.1f}" for x in payload[k]) for k in ("loadavg_start", "loadavg_end"))
-    print(
-        f"wrote {path} (wall {payload['wall_s']:.0f} s; load average at start {start}, at end {end}; "
-        f"{os.cpu_count()} CPUs)"
-    )
+    write_run("reprocess", payload, t_start)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from benchmarks.timing import print_table, write_json  # noqa: E402
+from benchmarks.timing import print_table, write_run  # noqa: E402
 from operators.phantoms import random_ellipsoids  # noqa: E402
 from pipelines.fanout import fan_out  # noqa: E402
 from pipelines.simulate import acquisition_for, simulate_scan, simulate_volume  # noqa: E402
@@ -312,11 +312,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
-    payload["wall_s"] = time.perf_counter() - t_start
-    payload["loadavg_end"] = os.getloadavg()
-    path = write_json("simulate", payload)
-    load = ", ".join(f"{x:.1f}" for x in payload["loadavg_end"])
-    print(f"wrote {path} (wall {payload['wall_s']:.0f} s; load average at end {load}, {os.cpu_count()} CPUs)")
+    write_run("simulate", payload, t_start)
 
 
 if __name__ == "__main__":

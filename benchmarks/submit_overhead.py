@@ -42,7 +42,7 @@ os.environ.setdefault("TMPDIR", str(ROOT / ".tmp"))
 os.environ.setdefault("RAY_TMPDIR", str(ROOT / ".tmp"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.timing import print_table, write_json  # noqa: E402
+from benchmarks.timing import print_table, write_run  # noqa: E402
 from tests.cluster.head import BIN, RayHead  # noqa: E402
 
 SPEC = "tests/cluster/specs/tiny.yaml"
@@ -70,6 +70,7 @@ def main() -> int:
     args = parser.parse_args()
     rows: dict[str, list[tuple[float, float]]] = {"submit --wait": [], "run, attached": []}
     work = Path(tempfile.mkdtemp(prefix="submit-bench-", dir=os.environ["TMPDIR"]))
+    loadavg_start = os.getloadavg()
     t_head = time.perf_counter()
     with RayHead(num_cpus=2) as head:
         head_start = time.perf_counter() - t_head
@@ -103,12 +104,12 @@ def main() -> int:
     verdict = "PASS" if submitted < BAR_S else "MISS"
     print(f"submit overhead {submitted:.1f} s beyond the pipeline's own time (bar < {BAR_S:.0f} s): "
           f"{verdict}; the Jobs API adds {added:.1f} s to an attached run's")  # fmt: skip
-    path = write_json(
+    write_run(
         "submit_overhead",
         {"bar_s": BAR_S, "head_start_s": head_start, "ways": summary, "jobs_api_adds_s": added,
-         "verdict": verdict},
+         "verdict": verdict, "loadavg_start": loadavg_start},
+        t_head,
     )  # fmt: skip
-    print(f"results: {path}")
     return 0 if verdict == "PASS" else 1
 
 

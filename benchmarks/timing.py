@@ -24,6 +24,7 @@ __all__ = [
     "median_time",
     "print_table",
     "write_json",
+    "write_run",
     "parse_device",
     "OthersCpu",
     "measured_with_others_cpu",
@@ -82,6 +83,19 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     }
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def write_run(name: str, payload: dict[str, Any], t_start: float) -> Path:
+    """Finish a benchmark run: add its wall time and the load average now (beside ``loadavg_start``,
+    if the payload has one), write ``benchmarks/results/<name>.json`` and say so in one line."""
+    payload["wall_s"] = time.perf_counter() - t_start
+    payload["loadavg_end"] = os.getloadavg()
+    path = write_json(name, payload)
+    loads = {k: ", ".join(f"{x:.1f}" for x in payload[f"loadavg_{k}"]) for k in ("start", "end")
+             if f"loadavg_{k}" in payload}  # fmt: skip
+    load = "; ".join(f"load average at {k} {v}" for k, v in loads.items())
+    print(f"wrote {path} (wall {payload['wall_s']:.0f} s; {load}; {os.cpu_count()} CPUs)")
     return path
 
 

@@ -81,7 +81,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from benchmarks.archives import simulated_archive  # noqa: E402
-from benchmarks.timing import measured_with_others_cpu, print_table, write_json  # noqa: E402
+from benchmarks.timing import measured_with_others_cpu, print_table, write_run  # noqa: E402
 from models.losses import make_loss  # noqa: E402
 from models.optim import make_optimizer, make_schedule  # noqa: E402
 from models.registry import build_model  # noqa: E402
@@ -480,14 +480,7 @@ def main() -> None:
             f"{facts['ratio_1_worker_no_progress_queue']:.3f} x the plain loop's step."
         )
     payload |= {"rows": rows, "facts": facts, "runs": measured, "ray_worker_niceness": nice}
-    payload["wall_s"] = time.perf_counter() - t_start
-    payload["loadavg_end"] = os.getloadavg()
-    path = write_json("train_overhead", payload)
-    start, end = (", ".join(f"{x:.1f}" for x in payload[k]) for k in ("loadavg_start", "loadavg_end"))
-    print(
-        f"wrote {path} (wall {payload['wall_s']:.0f} s; load average at start {start}, at end {end}; "
-        f"{os.cpu_count()} CPUs)"
-    )
+    write_run("train_overhead", payload, t_start)
 
 
 if __name__ == "__main__":

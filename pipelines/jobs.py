@@ -345,11 +345,12 @@ def submit(
 # --- follow ------------------------------------------------------------------------------------
 
 
-def _last(lines: list[str], prefix: str) -> str | None:
-    for line in reversed(lines):
-        if line.startswith(prefix):
-            return line[len(prefix) :].strip()
-    return None
+def _last(lines: list[str], prefix: str) -> tuple[int, str | None]:
+    """The index and text (after ``prefix``) of the last line starting with ``prefix``; (-1, None)."""
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(prefix):
+            return i, lines[i][len(prefix) :].strip()
+    return -1, None
 
 
 def job_status(client: _Client, job: str) -> JobState:
@@ -359,12 +360,10 @@ def job_status(client: _Client, job: str) -> JobState:
     stage = progress = None
     if info.driver_info is not None or status != "PENDING":
         lines = client.get_job_logs(job).splitlines()
-        stage = _last(lines, STAGE_LINE)
-        progress = _last(lines, PROGRESS_LINE)
-        if stage and progress:  # a progress line from before the current stage began is stale
-            i_stage = max(i for i, x in enumerate(lines) if x.startswith(STAGE_LINE))
-            i_prog = max(i for i, x in enumerate(lines) if x.startswith(PROGRESS_LINE))
-            progress = progress if i_prog > i_stage else None
+        at_stage, stage = _last(lines, STAGE_LINE)
+        at_progress, progress = _last(lines, PROGRESS_LINE)
+        if at_progress < at_stage:  # a progress line from before the current stage began is stale
+            progress = None
     return JobState(
         submission_id=info.submission_id or job,
         status=status,

@@ -34,6 +34,7 @@ TokenOpt = Annotated[
         "~/.ray/auth_token). Never put the token in the spec.",
     ),
 ]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Full tracebacks instead of one-line errors.")]
 JobArg = Annotated[str, typer.Argument(help="The job's submission ID (medrecon submit prints it)")]
 
 
@@ -44,12 +45,9 @@ def _cli() -> Any:
 
 
 def _client(address: str, token_file: Path | None, debug: bool = False) -> Any:
-    from pipelines.jobs import JobsError, connect
+    from pipelines.jobs import connect
 
-    try:
-        return connect(address, token_file)
-    except JobsError as exc:
-        _cli()._fail(exc, debug, _cli().EXIT_USAGE)
+    return _guard(lambda: connect(address, token_file), debug)
 
 
 def _guard(fn: Any, debug: bool = False) -> Any:
@@ -87,7 +85,7 @@ def submit(
         bool, typer.Option("--wait", help="Follow the job's log until it ends, and exit with its code.")
     ] = False,
     token_file: TokenOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Run a pipeline on a Ray cluster through its Jobs API: `medrecon run SPEC` on the head.
 
@@ -147,7 +145,7 @@ def jobs_list(
         bool, typer.Option("--all", help="Every job on the cluster, not only medrecon's.")
     ] = False,
     token_file: TokenOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """List the cluster's medrecon jobs, newest first."""
     from pipelines.jobs import list_jobs
@@ -177,7 +175,7 @@ def status(
     job: JobArg,
     address: AddressOpt,
     token_file: TokenOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Show a job's status, the stage it is running and that stage's progress."""
     from pipelines.jobs import job_status
@@ -202,7 +200,7 @@ def logs(
     address: AddressOpt,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
     token_file: TokenOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Print a job's log (the driver's output: stage lines, progress, the results table)."""
     from pipelines.jobs import read_logs
@@ -218,7 +216,7 @@ def stop(
     job: JobArg,
     address: AddressOpt,
     token_file: TokenOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Stop a job. What it committed stays; submitting the same pipeline again does the rest."""
     from pipelines.jobs import stop_job

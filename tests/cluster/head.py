@@ -2,32 +2,27 @@
 
 Used by tests/cluster/test_jobs.py and benchmarks/submit_overhead.py. Every port is a free one
 (the session's embedded Ray holds some of Ray's defaults), the head keeps its session files in a
-short folder of its own (Unix sockets have a path limit), and it is ended by its PID, never by
+short folder of its own (Unix sockets have a path limit), and it is started and ended like the
+other test servers (:mod:`tests.cluster.servers`: its own process group, ended by PID), never by
 ``ray stop`` (which ends every Ray on the machine). The Jobs API is polled over plain HTTP with the
 token as a Bearer header, as any HTTP client would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.servers import free_port
+from tests.cluster.servers import BIN, Server, free_port, spawn, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's bin: `medrecon` and `ray` live there
 
 
 class RayHead:
@@ -40,9 +35,8 @@ class RayHead:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"  # the Jobs API
         self.gcs_port = free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"  # what a driver attaches to
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server: Server | None = None
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir=os.environ.get("TMPDIR", "/tmp")))
-        self.log_path = self.temp_dir / "head.log"
 
     def env(self, token: bool = True) -> dict[str, str]:
         """An environment for a client of this head: with its token, or (``token=False``) with none."""
@@ -72,24 +66,14 @@ class RayHead:
             *(f"{k}={v}" for k, v in ports.items()),
         ]  # fmt: skip
         env = self.env() | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.temp_dir)}
-        with open(self.log_path, "wb") as log:
-            # its own session: stop() signals the whole group (raylet, GCS, dashboard, workers)
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                self.get("/api/jobs/")
-                return self
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"the head's Jobs API did not answer in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+        log = self.temp_dir / "head.log"
+        self.server = Server("ray head", self.address, spawn(cmd, log, env, ROOT), log)
+        try:
+            self.server.started_s = wait_http(f"{self.address}/api/jobs/", timeout, self.server.proc, log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def get(self, path: str, token: bool = True) -> Any:
         """``GET`` a Jobs API path (JSON, or text for logs) with the token as a Bearer header."""
@@ -117,27 +101,14 @@ class RayHead:
         raise TimeoutError(f"job {submission_id} after {timeout} s: {self.job(submission_id)}")
 
     def stop(self, grace: float = 5.0) -> None:
-        """End the head by its PID: SIGTERM to its process group, SIGKILL to what is left after ``grace``.
+        """End the head's process group: SIGTERM, then SIGKILL to what is left after ``grace``.
 
-        (``ray start --block`` ends its raylet, GCS and dashboard on SIGTERM, then waited here over a
+        (``ray start --block`` ends its raylet, GCS and dashboard on SIGTERM, then waited over a
         minute for its autoscaler monitor, which had lost the GCS.)
         """
-        if self.process is None:
-            return
-        pgid = self.process.pid
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        self.process.wait()
-        deadline = time.monotonic() + 10
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self.process = None
+        if self.server is not None:
+            self.server.stop(grace)
+            self.server = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> RayHead:
@@ -146,10 +117,3 @@ class RayHead:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Server", "free_port", "start_moto", "start_mlflow", "wait_http"]
+__all__ = ["BIN", "Server", "free_port", "spawn", "start_moto", "start_mlflow", "wait_http"]
 
-BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent  # the venv's bin: `medrecon`, `ray` and `mlflow` live there
 
 
 def free_port() -> int:
@@ -99,7 +99,7 @@ class Server:
         return True
 
 
-def _spawn(cmd: list[str], log: Path, env: Mapping[str, str], cwd: Path) -> subprocess.Popen:
+def spawn(cmd: list[str], log: Path, env: Mapping[str, str], cwd: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
@@ -119,7 +119,7 @@ def start_moto(workdir: Path, env: Mapping[str, str], port: int | None = None, w
     log = workdir / "moto.log"
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     t0 = time.monotonic()
-    proc = _spawn(cmd, log, env, workdir)
+    proc = spawn(cmd, log, env, workdir)
     server = Server("moto", f"http://127.0.0.1:{port}", proc, log)
     if wait:
         try:
@@ -165,7 +165,7 @@ def start_mlflow(
     # never use and a 2-core machine feels.
     env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     t0 = time.monotonic()
-    proc = _spawn(cmd, log, env, workdir)
+    proc = spawn(cmd, log, env, workdir)
     server = Server("mlflow", f"http://127.0.0.1:{port}", proc, log, extra={"db": str(db)})
     if wait:
         server_wait(server)
