@@ -25,13 +25,23 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models import analysis
 from models.modl import MoDL, MoDLConfig
 from models.neumann import NeumannConfig, NeumannNet
 from models.post import UNetPost, UNetPostConfig
 from models.unrolled import GDNetConfig, GradientDescentNet
 from models.varnet import VarNet, VarNetConfig
 
-__all__ = ["MODELS", "build_model", "model_module", "save_model", "load_model", "ModelError"]
+__all__ = [
+    "MODELS",
+    "ANALYSIS_MODELS",
+    "SEGMENTATION_MODELS",
+    "build_model",
+    "model_module",
+    "save_model",
+    "load_model",
+    "ModelError",
+]
 
 
 class ModelError(ValueError):
@@ -65,7 +75,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "modl": _modl,
     "unet_post": _unet_post,
     "varnet": _varnet,
+    # analysis networks: (B, C, D, H, W) volumes in, class logits out (models.analysis)
+    "unet3d": lambda **kw: analysis.build_unet(spatial_dims=3, **kw),
+    "unet2d": analysis.build_unet2d,
+    "vnet": analysis.build_vnet,
+    "densenet3d": analysis.build_densenet,
+    "resnet3d": analysis.build_resnet,
+    "unet_classifier": analysis.UNetClassifier,
 }
+
+#: Registry names of the analysis networks (they take volumes, not ``(y, op)``).
+ANALYSIS_MODELS = frozenset({"unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier"})
+#: Of those, the ones that segment (per-voxel class logits); the others classify (one logit per volume).
+SEGMENTATION_MODELS = frozenset({"unet3d", "unet2d", "vnet"})
 
 #: Registry name -> the module that defines the network (its code is what training depends on).
 _MODULES: dict[str, str] = {
@@ -74,6 +96,10 @@ _MODULES: dict[str, str] = {
     "modl": MoDL.__module__,
     "unet_post": UNetPost.__module__,
     "varnet": VarNet.__module__,
+    **{
+        name: analysis.__name__
+        for name in ("unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier")
+    },
 }
 
 SPEC_FILE = "model.json"
@@ -86,7 +112,7 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         raise ModelError(f"unknown model '{name}'; expected one of {sorted(MODELS)}")
     try:
         return MODELS[name](**(kwargs or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ModelError(f"model '{name}': bad keyword arguments {kwargs}: {exc}") from exc
 
 

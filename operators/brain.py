@@ -459,15 +459,19 @@ def _vessels(rng: np.random.Generator, grid: _Grid, s: _Subject) -> np.ndarray:
     return out
 
 
-def _lesions(rng: np.random.Generator, grid: _Grid, s: _Subject) -> list[tuple[Box, np.ndarray, float]]:
-    """0-3 lesions, each ``(box, coverage, intensity)``: small ellipsoids, mostly in deep white matter."""
+def _lesions(
+    rng: np.random.Generator, grid: _Grid, s: _Subject, count: int | None = None, scale: float = 1.0
+) -> list[tuple[Box, np.ndarray, float]]:
+    """0-3 lesions (or ``count``), each ``(box, coverage, intensity)``: small ellipsoids, mostly in deep
+    white matter, their axes times ``scale``."""
     b = s.brain_axes
     out = []
-    for _ in range(int(rng.integers(0, 4))):
+    n = int(rng.integers(0, 4))
+    for _ in range(n if count is None else count):
         direction = rng.standard_normal(3)
         direction /= np.linalg.norm(direction)
         centre = direction * rng.uniform(0.35, 0.7) * b  # periventricular to juxtacortical
-        axes = rng.uniform(0.012, 0.035) * rng.uniform(0.7, 1.3, 3)
+        axes = scale * rng.uniform(0.012, 0.035) * rng.uniform(0.7, 1.3, 3)
         q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
         bright = rng.uniform() < 0.5
         value = s.means["lesion_bright" if bright else "lesion_dark"]
@@ -581,6 +585,8 @@ def brain_phantom(
     seed: int,
     *,
     lesions: bool = True,
+    lesion_count: int | None = None,
+    lesion_scale: float = 1.0,
     bias_strength: float = 0.15,
     texture: float = 1.0,
     z_extent: float = 0.5,
@@ -594,6 +600,11 @@ def brain_phantom(
         shape: ``(D, H, W)``, each at least 8; D is the slice axis.
         seed: the subject; the same seed gives the same phantom.
         lesions: include the subject's 0-3 lesions (the rest of the anatomy is the same without).
+        lesion_count: draw exactly this many lesions instead of the subject's 0-3 (a lesion that falls
+            outside the grid is dropped). They come from their own random stream, so the anatomy,
+            texture and bias field are the same whatever the count.
+        lesion_scale: multiply every lesion's axes (1: 1.3-3.9 mm semi-axes; 3 gives lesions of a
+            few voxels at 96 x 96, large enough for a classifier to see), in ``(0, 10]``.
         bias_strength: amplitude ``b`` of the multiplicative bias field ``1 + b f``, in ``[0, 0.5)``.
         texture: scale of the tissue texture amplitude (0: each tissue flat), in ``[0, 3]``.
         z_extent: the slices span ``z ∈ [-z_extent, z_extent]`` (half fields of view; the head's
@@ -604,6 +615,10 @@ def brain_phantom(
         ParameterError: an option out of range, or a seed that is not an int.
     """
     shape = _check(shape, seed, bias_strength, texture, z_extent)
+    if lesion_count is not None and not (isinstance(lesion_count, int) and 0 <= lesion_count <= 20):
+        raise ParameterError(f"brain_phantom: lesion_count must be an int in [0, 20]; found {lesion_count!r}")
+    if not (0 < lesion_scale <= 10):
+        raise ParameterError(f"brain_phantom: lesion_scale must be in (0, 10]; found {lesion_scale!r}")
     rng = np.random.default_rng(int(seed))
     s = _draw_subject(rng)
     grid = _Grid.make(shape, z_extent)
@@ -630,7 +645,10 @@ def brain_phantom(
     alpha_csf, alpha_wm = _cortex(grid, s, u, rho, grad_norm, depth, h_head, t_gm, d_sulcus, f_fissure)
     nuclei, ventricles = _deep(grid, s)
     vessels = _vessels(rng, grid, s)
-    lesion_list = _lesions(rng, grid, s)
+    lesion_list = _lesions(rng, grid, s, scale=lesion_scale)
+    if lesion_count is not None:  # their own stream: the draws after this line stay the subject's
+        lesion_rng = np.random.default_rng([int(seed), 0x1E5])
+        lesion_list = _lesions(lesion_rng, grid, s, count=lesion_count, scale=lesion_scale)
     bias = _bias(rng, grid)
 
     # Appearance: texture (grid-sized random numbers, drawn last), tissue values, painting.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -163,4 +164,9 @@ def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tu
             raise TrackingError(
                 f"could not download model {model_uri!r} from {tracking_uri!r}: {exc}"
             ) from exc
-        return load_model(local, device=device)
+        module, spec = load_model(local, device=device)
+        facts = os.path.join(local, "task.json")  # an analysis model's task, classes and input
+        if os.path.exists(facts):
+            with open(facts) as f:
+                spec["task"] = json.load(f)
+        return module, spec

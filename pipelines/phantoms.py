@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from operators.phantoms import random_ellipsoids
+from operators.phantoms import TISSUE_CLASSES, random_ellipsoids
 from pipelines.context import StageContext, StageResult
 from pipelines.fanout import fan_out, summarise
 from pipelines.fingerprint import scan_seed
 from pipelines.spec import PhantomStage
 from pipelines.store import SOURCE, Archive, CatalogRow, record_digest, validate_scan_id
 
-__all__ = ["phantom_ids", "assign_splits", "write_phantom", "run"]
+__all__ = ["phantom_ids", "assign_splits", "lesion_options", "write_phantom", "run"]
 
 
 def phantom_ids(stage: PhantomStage) -> list[str]:
@@ -31,19 +31,33 @@ def assign_splits(scan_ids: list[str], stage: PhantomStage, seed: int) -> dict[s
     return {scan_ids[i]: names[k] for k, i in enumerate(order)}
 
 
+def lesion_options(stage: PhantomStage, seed: int, scan_id: str) -> dict[str, Any]:
+    """``brain_phantom`` keyword arguments for the scan's lesions: a seeded coin with the stage's
+    prevalence, then a seeded count (none without a ``lesions`` setting: each subject's own 0-3)."""
+    if stage.lesions is None:
+        return {}
+    rng = np.random.default_rng(scan_seed(seed, scan_id, "lesions"))
+    has = bool(rng.uniform() < stage.lesions.prevalence)
+    lo, hi = stage.lesions.count
+    return {"lesion_count": int(rng.integers(lo, hi + 1)) if has else 0, "lesion_scale": stage.lesions.scale}
+
+
 def write_phantom(archive: Archive, scan_id: str, *, stage: PhantomStage, seed: int) -> dict[str, Any]:
     """Generate one seeded phantom of the stage's kind and write its image and labels."""
     scan = scan_seed(seed, scan_id, "phantom")
     if stage.phantom == "brain":
-        from operators.brain import brain_phantom
+        from operators.brain import BRAIN_CLASSES, brain_phantom
 
-        phantom = brain_phantom(stage.shape, seed=scan)
+        phantom = brain_phantom(stage.shape, seed=scan, **lesion_options(stage, seed, scan_id))
+        classes = list(BRAIN_CLASSES)
     else:
         phantom = random_ellipsoids(stage.shape, seed=scan)
+        classes = list(TISSUE_CLASSES)
     attrs = {"spacing": list(stage.spacing), "modality": "mri", "source": f"phantom:{stage.phantom}"}
     arrays = {
         "image": archive.write_array(scan_id, "image", phantom.image, attrs),
-        "labels": archive.write_array(scan_id, "labels", phantom.labels, attrs),
+        # the names of the label values: a segmentation names its classes from them
+        "labels": archive.write_array(scan_id, "labels", phantom.labels, {**attrs, "classes": classes}),
     }
     return {"arrays": arrays, "checksum": record_digest(arrays)}
 

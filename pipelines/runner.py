@@ -130,11 +130,24 @@ def stage_code_version(stage: Any) -> str:
     none (a learned method's identity is its trained model, see :data:`MODEL_LEAVES`).
     """
     module = STAGE_KINDS[stage.kind].module
-    if stage.kind == "train":
+    if stage.kind in ("train", "train_task"):
         return code_version(module, model_module(stage.model.name), leaves=MODEL_LEAVES)
-    if stage.kind == "recon":  # the same as pipelines.recon.recon_code_version()
+    if stage.kind in ("recon", "segment", "classify"):  # recon: as pipelines.recon.recon_code_version()
         return code_version(module, leaves=MODEL_LEAVES)
     return code_version(module)
+
+
+def _reads(stage: Any, before: list[Any]) -> list[str]:
+    """The stages before it whose outputs an analysis stage reads: the models it uses or starts from,
+    and the recon stages when it reads reconstructions."""
+    names = {"segment": lambda: [stage.model], "classify": lambda: list(stage.models)}.get(
+        stage.kind, lambda: [stage.init_encoder] if stage.init_encoder else []
+    )()
+    inputs = stage.inputs if stage.kind == "segment" else [stage.input] if stage.kind == "train_task" else []
+    reads = [s.name for s in before if s.name in names]
+    if any(i.startswith("recon/") for i in inputs) or stage.kind == "classify":
+        reads += [s.name for s in before if s.kind == "recon"]
+    return reads
 
 
 def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
@@ -149,6 +162,8 @@ def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
             upstream += [fingerprints[r.target] for r in stage.refs() if r.kind == "learned"]
         elif stage.kind == "evaluate":
             upstream += [fingerprints[s.name] for s in spec.stages[: len(out)] if s.kind == "recon"]
+        elif stage.kind in ("train_task", "segment", "classify"):
+            upstream += [fingerprints[name] for name in _reads(stage, spec.stages[: len(out)])]
         elif stage.kind == "ingest" and spec.run_key is None:  # what the sources hold: new files re-run it
             # (a keyed run is fresh per key instead, and resuming a key never takes in files that
             # arrived after it started: they are the next key's)
@@ -286,7 +301,9 @@ def _run(
         _record_run(archive, spec, started_at, run_id, "RUNNING")
     try:
         started = ensure_ray(spec, verbose, console.print)
-        check_resources(spec.of_kind("train"), ray_resources())  # before any stage: Ray would wait forever
+        check_resources(
+            spec.of_kind("train") + spec.of_kind("train_task"), ray_resources()
+        )  # before any stage: Ray would wait forever
         for step in planned:
             stage, fp = step.stage, step.fingerprint
             keyed = (spec.name, spec.run_key) if spec.run_key is not None else None

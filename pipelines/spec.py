@@ -67,6 +67,11 @@ __all__ = [
     "StabilitySpec",
     "EvaluateStage",
     "GateStage",
+    "LesionSpec",
+    "VolumeAugment",
+    "TaskTrainStage",
+    "SegmentStage",
+    "ClassifyStage",
     "METRICS",
     "StageKind",
     "STAGE_KINDS",
@@ -227,6 +232,28 @@ class PreprocessStage(StageSpec):
         return v
 
 
+class LesionSpec(Spec):
+    """How many brain phantoms carry lesions, and how many and how large: a per-scan label to classify.
+
+    A seeded coin per scan (from the pipeline seed and the scan ID) decides, with probability
+    ``prevalence``, whether the scan has lesions; a scan with lesions gets a seeded number in
+    ``count``. The anatomy of a subject is the same with or without them.
+    """
+
+    prevalence: float = Field(default=0.5, ge=0, le=1, description="fraction of scans with lesions")
+    count: tuple[int, int] = Field(default=(1, 3), description="lesions in a scan that has them: [min, max]")
+    scale: float = Field(
+        default=1.0, gt=0, le=10, description="lesion size: 1 is 1.3-3.9 mm semi-axes; 3 is 4-12 mm"
+    )
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not (1 <= v[0] <= v[1] <= 20):
+            raise ValueError(f"expected 1 <= min <= max <= 20 lesions; found {list(v)}")
+        return v
+
+
 class PhantomStage(StageSpec):
     """Create seeded phantoms in the archive (the embedded data source).
 
@@ -242,6 +269,9 @@ class PhantomStage(StageSpec):
     split: SplitSpec
     prefix: str = "phantom"
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    lesions: LesionSpec | None = Field(
+        default=None, description="brain: which scans carry lesions; null: each subject's own 0-3"
+    )
 
     @field_validator("shape")
     @classmethod
@@ -256,6 +286,12 @@ class PhantomStage(StageSpec):
         if not _NAME.match(v):
             raise ValueError(f"must match [A-Za-z0-9._-]+, found {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _lesions_need_brains(self) -> PhantomStage:
+        if self.lesions is not None and self.phantom != "brain":
+            raise ValueError("lesions apply to brain phantoms; set phantom: brain or remove lesions")
+        return self
 
     @model_validator(mode="after")
     def _split_adds_up(self) -> PhantomStage:
@@ -441,6 +477,17 @@ class TrainStage(StageSpec):
     alias: str | None = Field(
         default=None, description="MLflow alias set on the registered version, e.g. challenger"
     )
+
+    @field_validator("model")
+    @classmethod
+    def _reconstructs(cls, v: ModelSpec) -> ModelSpec:
+        from models.registry import ANALYSIS_MODELS
+
+        if v.name in ANALYSIS_MODELS:
+            raise ValueError(
+                f"model {v.name!r} analyses images and does not reconstruct; train it in a train_task stage"
+            )
+        return v
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -636,8 +683,167 @@ class GateStage(StageSpec):
         return v
 
 
+_INPUT = r"^(image|measurements|derived/[A-Za-z0-9_.-]+|recon/[A-Za-z0-9_.-]+)$"
+
+
+class VolumeAugment(Spec):
+    """Augmentation of 3D training volumes (MONAI), seeded per epoch and sample; labels follow the image."""
+
+    flip: bool = Field(default=True, description="random left-right flips")
+    elastic: float = Field(
+        default=0.0, ge=0, le=1, description="probability of MONAI's Rand3DElastic deformation per sample"
+    )
+    elastic_sigma: tuple[float, float] = Field(
+        default=(5.0, 7.0), description="smoothness of the field (voxels)"
+    )
+    elastic_magnitude: tuple[float, float] = Field(default=(50.0, 150.0), description="strength of the field")
+    intensity: float = Field(
+        default=0.0, ge=0, le=1, description="probability of a random intensity scale/shift"
+    )
+
+
+class TaskTrainStage(StageSpec):
+    """Train an analysis model with Ray Train on volumes from the archive; register it in MLflow.
+
+    ``task: segment`` learns the label volume (``classes`` groups its values) with a Dice loss on
+    random patches; ``task: classify`` learns a per-scan label: whether the scan's label volume
+    contains ``target`` (e.g. lesions). The input is the scan's ``image``, a reconstruction
+    (``recon/<key>``) or the ``measurements`` themselves (k-space as log-magnitude and phase
+    channels, or the sinogram). Like the recon models, the model is saved as architecture JSON plus
+    safetensors and registered as ``<pipeline>-<stage>``.
+    """
+
+    kind: Literal["train_task"]
+    task: Literal["segment", "classify"]
+    model: ModelSpec
+    input: str = Field(default="image", pattern=_INPUT, description="image, measurements or recon/<key>")
+    classes: dict[str, list[str | int]] | None = Field(
+        default=None,
+        description="segment: output class -> label names or values it groups (the rest is background); "
+        "default: every named label of the label volume",
+    )
+    target: str = Field(
+        default="lesions", description="classify: a scan is positive when its labels hold this"
+    )
+    patch: tuple[int, int, int] | None = Field(
+        default=None, description="segment: random (D, H, W) crops to train on; inference slides a window"
+    )
+    augment: VolumeAugment | None = None
+    loss: Literal["dice", "dicece", "ce", "bce"] | None = Field(
+        default=None, description="default: dicece (segment), bce (classify)"
+    )
+    init_encoder: str | None = Field(
+        default=None,
+        description="classify: start the encoder from a segmentation model: a train_task stage name "
+        "before this one, or models:/NAME/VERSION",
+    )
+    freeze: bool = Field(default=False, description="classify: train only the head on the initial encoder")
+    workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=1, ge=0)
+    epochs: int = Field(default=20, ge=1)
+    steps_per_epoch: int = Field(
+        default=50, ge=1, description="optimiser steps per epoch (patches are random)"
+    )
+    batch_size: int = Field(default=2, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    weight_decay: float = Field(default=1e-4, ge=0)
+    schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
+    early_stopping: int | None = Field(default=None, ge=1)
+    register_as: str | None = None
+    keep_checkpoints: int = Field(default=2, ge=1)
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or ("dicece" if self.task == "segment" else "bce")
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> TaskTrainStage:
+        from models.registry import ANALYSIS_MODELS, SEGMENTATION_MODELS
+
+        if self.model.name not in ANALYSIS_MODELS:
+            raise ValueError(
+                f"model {self.model.name!r} is a reconstruction network (train it in a train stage); "
+                f"a train_task trains one of {sorted(ANALYSIS_MODELS)}"
+            )
+        segments = self.model.name in SEGMENTATION_MODELS
+        if segments != (self.task == "segment"):
+            wanted = SEGMENTATION_MODELS if self.task == "segment" else ANALYSIS_MODELS - SEGMENTATION_MODELS
+            raise ValueError(
+                f"model {self.model.name!r} {'segments' if segments else 'classifies'}; task {self.task!r} "
+                f"takes one of {sorted(wanted)}"
+            )
+        if self.init_encoder and self.model.name != "unet_classifier":
+            raise ValueError(
+                "init_encoder starts a unet_classifier from a unet3d's encoder; set model unet_classifier"
+            )
+        if self.task == "segment":
+            if self.loss_name == "bce":
+                raise ValueError("loss bce is for task classify; a segmentation takes dice, dicece or ce")
+            if self.init_encoder or self.freeze:
+                raise ValueError("init_encoder and freeze apply to task classify")
+        else:
+            if self.loss_name != "bce":
+                raise ValueError(f"task classify trains with loss bce; found {self.loss_name!r}")
+            if self.freeze and not self.init_encoder:
+                raise ValueError("freeze trains only the head of a pre-trained encoder: set init_encoder")
+            if self.patch is not None or self.classes is not None:
+                raise ValueError("patch and classes apply to task segment")
+        if self.register_as is not None and not _NAME.match(self.register_as):
+            raise ValueError(f"register_as must match [A-Za-z0-9._-]+, found {self.register_as!r}")
+        return self
+
+
+class SegmentStage(StageSpec):
+    """Segment a split with a trained segmentation model, and score it against the label volumes.
+
+    Each input (the ``image``, or each reconstruction) is segmented with the same fixed model
+    (sliding-window inference), written as ``seg/<stage name>.<input key>``, and scored per class
+    with Dice and the 95th-percentile Hausdorff distance (mm). With reconstructions among the
+    inputs the table shows, per reconstruction method, its PSNR beside its Dice: whether a better
+    image is a better segmentation.
+    """
+
+    kind: Literal["segment"]
+    model: str = Field(description="a train_task stage name before this one, or models:/NAME/VERSION")
+    inputs: list[str] = Field(
+        default_factory=lambda: ["image"],
+        description="image, recon/<key>, or recon/* (every reconstruction of the recon stages before)",
+    )
+    split: Literal["train", "val", "test", "all"] = "test"
+    overlap: float = Field(default=0.25, ge=0, lt=1, description="sliding-window overlap")
+    num_cpus: float = Field(default=1.0, gt=0)
+    figures: int = Field(default=2, ge=0, description="scans with an overlay figure in MLflow")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        bad = [i for i in v if i != "recon/*" and not re.match(_INPUT, i) or i == "measurements"]
+        if bad:
+            raise ValueError(f"inputs {bad}: expected image, recon/<key> or recon/*")
+        return v
+
+
+class ClassifyStage(StageSpec):
+    """Classify a split with trained classifiers; report each one's AUC with a ROC figure."""
+
+    kind: Literal["classify"]
+    models: list[str] = Field(
+        min_length=1, description="train_task stage names (task classify) before this one, or models:/ URIs"
+    )
+    split: Literal["train", "val", "test", "all"] = "test"
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
 # -- the registry of stage kinds -----------------------------------------------------------------
-Role = Literal["data", "train", "recon", "evaluate", "gate"]
+Role = Literal["data", "train", "recon", "evaluate", "gate", "analysis"]
 
 
 @dataclass(frozen=True)
@@ -678,9 +884,12 @@ STAGE_KINDS: Mapping[str, StageKind] = MappingProxyType(
             StageKind(PreprocessStage, "pipelines.preprocess", "data"),
             StageKind(SimulateStage, "pipelines.simulate", "data"),
             StageKind(TrainStage, "pipelines.train", "train", per_scan=False),
+            StageKind(TaskTrainStage, "pipelines.train_task", "train", per_scan=False),
             StageKind(GateStage, "pipelines.gate", "gate", per_scan=False),
             StageKind(ReconStage, "pipelines.recon", "recon"),
             StageKind(EvaluateStage, "pipelines.evaluate", "evaluate"),
+            StageKind(SegmentStage, "pipelines.segment", "analysis"),
+            StageKind(ClassifyStage, "pipelines.classify", "analysis"),
         )
     }
 )
@@ -771,6 +980,7 @@ class PipelineSpec(Spec):
     def _check_methods(self) -> None:
         modality = self.modality
         earlier_train: set[str] = set()
+        tasks: dict[str, str] = {}  # train_task stage name -> its task
         recon_before = False
         for stage in self.stages:
             if stage.kind == "train":
@@ -795,6 +1005,34 @@ class PipelineSpec(Spec):
                         )
             elif stage.kind == "evaluate" and not recon_before:
                 raise ValueError(f"evaluate stage {stage.name!r} needs a recon stage before it")
+            elif stage.kind == "train_task":
+                if stage.input.startswith("recon/") and not recon_before:
+                    raise ValueError(
+                        f"train_task stage {stage.name!r}: input {stage.input!r} needs a recon stage "
+                        "before it"
+                    )
+                if stage.init_encoder and not stage.init_encoder.startswith("models:/"):
+                    if tasks.get(stage.init_encoder) != "segment":
+                        raise ValueError(
+                            f"train_task stage {stage.name!r}: init_encoder {stage.init_encoder!r} names no "
+                            f"segmentation train_task stage before it; those before it: "
+                            f"{sorted(n for n, t in tasks.items() if t == 'segment') or 'none'}"
+                        )
+                tasks[stage.name] = stage.task
+            elif stage.kind in ("segment", "classify"):
+                task = "segment" if stage.kind == "segment" else "classify"
+                for model in [stage.model] if stage.kind == "segment" else stage.models:
+                    if not model.startswith("models:/") and tasks.get(model) != task:
+                        raise ValueError(
+                            f"{stage.kind} stage {stage.name!r}: {model!r} names no train_task stage "
+                            f"with task {task} before it; those before it: "
+                            f"{sorted(n for n, t in tasks.items() if t == task) or 'none'}"
+                        )
+                if stage.kind == "segment" and any(i.startswith("recon/") for i in stage.inputs):
+                    if not recon_before:
+                        raise ValueError(
+                            f"segment stage {stage.name!r}: recon inputs need a recon stage before it"
+                        )
             elif stage.kind == "gate" and stage.challenger not in earlier_train:
                 raise ValueError(
                     f"gate stage {stage.name!r}: challenger {stage.challenger!r} names no train stage before "

@@ -9,6 +9,7 @@ Layout under the archive root (a local directory or an fsspec URI), layout versi
     scans/<scan_id>/sinogram           float32 (D, views, detectors)
     scans/<scan_id>/mask, coil_maps    the acquisition's (H, W) mask and (C, H, W) maps
     scans/<scan_id>/recon/<key>        float32 (D, H, W), one per method (and model version)
+    scans/<scan_id>/seg/<stage>.<input>  uint8 (D, H, W), a segment stage's classes of one input
     catalog.parquet                    one row per scan (see CATALOG_SCHEMA)
     _meta/commits/<unit>/<scan_id>.json     per-scan commit records
     _meta/quarantine/<unit>/<scan_id>.json  errors of scans that failed
@@ -17,7 +18,8 @@ Layout under the archive root (a local directory or an fsspec URI), layout versi
 
 A **unit** is what one commit covers for one scan: ``source`` (image, labels), ``measurements``
 (k-space or sinogram, mask, coil maps), ``recon/<key>`` (one reconstruction) and
-``evaluate/<stage name>`` (scores). :func:`unit_of` maps an array to its unit.
+``evaluate/<stage name>`` (scores), ``segment/<stage name>`` (segmentations and their
+scores). :func:`unit_of` maps an array to its unit.
 
 Rules that keep it correct under Ray's at-least-once retries:
 
@@ -138,6 +140,8 @@ def unit_of(name: str) -> str:
     ``derived/<name>`` (an image a preprocess stage derived from ``image``)."""
     if name.startswith(("recon/", "derived/")):
         return name
+    if name.startswith("seg/"):  # seg/<segment stage>.<input>: the segment stage's unit
+        return f"segment/{name[4:].split('.', 1)[0]}"
     if name not in _UNIT_OF:
         raise ArchiveError(f"array {name!r} belongs to no commit unit; expected one of {sorted(_UNIT_OF)}")
     return _UNIT_OF[name]

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,7 @@ from pipelines.store import MEASUREMENTS, Archive
 from pipelines.tracking import MlflowTracker, register_model
 from pipelines.tracking import client as tracking_client
 
-__all__ = ["TrainJob", "SliceDataset", "train_loop_per_worker", "run"]
+__all__ = ["TrainJob", "SliceDataset", "train_loop_per_worker", "fit_and_register", "run"]
 
 
 class TrainJob(Spec):
@@ -483,46 +483,36 @@ def _storage_filesystem(archive: Archive) -> Any:
     return PyFileSystem(FSSpecHandler(archive.fs))
 
 
-def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
-    """Fit with Ray Train, register the model in MLflow, and return its ``models:/`` URI."""
+def fit_and_register(
+    ctx: StageContext,
+    stage: Any,
+    fingerprint: str,
+    loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    score: tuple[str, str],
+    description: str,
+    choose_best: bool = True,
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Run ``loop`` on a Ray Train worker group, log the chosen checkpoint's model and register it.
+
+    Shared by every training stage (recon models here, analysis models in
+    :mod:`pipelines.train_task`). ``stage`` has ``workers``, ``cpus_per_worker``,
+    ``gpus_per_worker``, ``max_failures``, ``keep_checkpoints`` and optionally ``alias``; every
+    report of ``loop`` carries ``score[0]`` and, from rank 0, a checkpoint with the model files and
+    a ``state.json``. The best checkpoint by ``score`` is registered (the latest with
+    ``choose_best=False``; Ray keeps the best ``keep_checkpoints`` by ``score`` either way). Returns
+    ``(models:/NAME/VERSION, the chosen checkpoint's state, the last reported metrics)``.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    committed = ctx.archive.committed(MEASUREMENTS)
-    train_ids = [s for s in ctx.archive.scans("train") if s in committed]
-    val_ids = [s for s in ctx.archive.scans("val") if s in committed]
-    if not train_ids:
-        split = ctx.archive.scans("train")
-        counts = {s: len(ctx.archive.scans(s)) for s in ("train", "val", "test")}
-        why = (
-            f"the train split is empty (train {counts['train']}, val {counts['val']}, test {counts['test']} "
-            "scans): give the ingest or phantoms stage a train fraction, or a manifest with split=train"
-            if not split
-            else f"none of its {len(split)} scans has committed measurements: a simulate (or ingest) "
-            "stage must run first"
-        )
-        raise StageError(f"train stage {stage.name!r}: no training scans with committed measurements; {why}")
-    # (The runner checked every train stage's CPUs and GPUs against the cluster before any stage.)
-    init_uri = _resolve_init(ctx, stage)
-    job = TrainJob(
-        stage=stage,
-        archive_uri=ctx.archive.uri,
-        storage_options=ctx.archive.storage_options,
-        tracking_uri=ctx.tracking_uri,
-        run_id=ctx.tracker.run_id,
-        seed=ctx.spec.seed,
-        train_ids=train_ids,
-        val_ids=val_ids,
-        init_uri=init_uri,
-    )
     use_gpu = stage.gpus_per_worker > 0
     resources = {"CPU": stage.cpus_per_worker, **({"GPU": stage.gpus_per_worker} if use_gpu else {})}
-    score = ("val_psnr", "max") if val_ids else ("train_loss", "min")
     progress: Queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**job.model_dump(mode="json"), "progress": progress},
+        loop,
+        train_loop_config={**config, "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -552,9 +542,7 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
     # fit() runs on the main thread, so Ctrl-C and SIGTERM interrupt it directly; a reader thread
     # feeds the bar and is stopped before Ray can shut down under it.
     with progress_bar(ctx.console) as bar_group:
-        bar = bar_group.add_task(
-            f"train {stage.name} ({stage.workers} workers, {stage.epochs} epochs)", total=100
-        )
+        bar = bar_group.add_task(description, total=100)
         reader = threading.Thread(target=show_progress, args=(bar_group, bar), daemon=True)
         reader.start()
         try:
@@ -568,24 +556,63 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
         bar_group.update(bar, completed=100)
     if fit_result.error:
         raise StageError(f"train stage {stage.name!r}: Ray Train failed: {fit_result.error}")
-    best = fit_result.get_best_checkpoint(*score) if val_ids else None
+    best = fit_result.get_best_checkpoint(*score) if choose_best else None
     chosen = best or fit_result.checkpoint
     if chosen is None:
         raise StageError(f"train stage {stage.name!r}: Ray Train reported no checkpoint")
     with chosen.as_directory() as d, tempfile.TemporaryDirectory() as model_dir:
-        for part in (MODEL_SPEC_FILE, WEIGHTS_FILE):  # the model, without optimiser and schedule state
-            shutil.copy(os.path.join(d, part), model_dir)
+        for part in (MODEL_SPEC_FILE, WEIGHTS_FILE, "task.json"):  # without optimiser and schedule state
+            if part != "task.json" or os.path.exists(os.path.join(d, part)):  # an analysis model's facts
+                shutil.copy(os.path.join(d, part), model_dir)
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
         ctx.tracker.log_model_dir(model_dir, f"models/{stage.name}")
     name = ctx.spec.model_name(stage.name)
     model_uri = register_model(ctx.tracking_uri, name, ctx.tracker.run_id, f"models/{stage.name}")
     version = model_uri.rsplit("/", 1)[1]
-    if stage.alias == CHALLENGER:  # also tags the version's role
+    alias = getattr(stage, "alias", None)
+    if alias == CHALLENGER:  # also tags the version's role
         set_challenger(ctx.tracking_uri, name, version)
-    elif stage.alias:
-        tracking_client(ctx.tracking_uri).set_registered_model_alias(name, stage.alias, version)
-    final = {k: v for k, v in (fit_result.metrics or {}).items() if isinstance(v, (int, float))}
+    elif alias:
+        tracking_client(ctx.tracking_uri).set_registered_model_alias(name, alias, version)
+    return model_uri, state, dict(fit_result.metrics or {})
+
+
+def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
+    """Fit with Ray Train, register the model in MLflow, and return its ``models:/`` URI."""
+    committed = ctx.archive.committed(MEASUREMENTS)
+    train_ids = [s for s in ctx.archive.scans("train") if s in committed]
+    val_ids = [s for s in ctx.archive.scans("val") if s in committed]
+    if not train_ids:
+        split = ctx.archive.scans("train")
+        counts = {s: len(ctx.archive.scans(s)) for s in ("train", "val", "test")}
+        why = (
+            f"the train split is empty (train {counts['train']}, val {counts['val']}, test {counts['test']} "
+            "scans): give the ingest or phantoms stage a train fraction, or a manifest with split=train"
+            if not split
+            else f"none of its {len(split)} scans has committed measurements: a simulate (or ingest) "
+            "stage must run first"
+        )
+        raise StageError(f"train stage {stage.name!r}: no training scans with committed measurements; {why}")
+    # (The runner checked every train stage's CPUs and GPUs against the cluster before any stage.)
+    init_uri = _resolve_init(ctx, stage)
+    job = TrainJob(
+        stage=stage,
+        archive_uri=ctx.archive.uri,
+        storage_options=ctx.archive.storage_options,
+        tracking_uri=ctx.tracking_uri,
+        run_id=ctx.tracker.run_id,
+        seed=ctx.spec.seed,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        init_uri=init_uri,
+    )
+    score = ("val_psnr", "max") if val_ids else ("train_loss", "min")
+    model_uri, state, fit_metrics = fit_and_register(
+        ctx, stage, fingerprint, train_loop_per_worker, job.model_dump(mode="json"), score,
+        f"train {stage.name} ({stage.workers} workers, {stage.epochs} epochs)", choose_best=bool(val_ids),
+    )  # fmt: skip
+    final = {k: v for k, v in fit_metrics.items() if isinstance(v, (int, float))}
     chosen_facts = {"best_epoch": state.get("best_epoch"), "best_val_psnr": state.get("best")}
     ctx.tracker.log_metrics({f"{stage.name}/{k}": v for k, v in chosen_facts.items() if v is not None})
     outputs = {"model_uri": model_uri, "metrics": final, "registered": chosen_facts, "init_from": init_uri}

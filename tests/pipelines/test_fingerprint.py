@@ -70,11 +70,12 @@ def test_a_train_stage_counts_its_own_model_and_recon_counts_none():
     from models.registry import model_module
 
     assert {model_module(name) for name in MODELS} == {
-        "models.unrolled", "models.neumann", "models.modl", "models.post", "models.varnet",
+        "models.unrolled", "models.neumann", "models.modl", "models.post", "models.varnet", "models.analysis",
     }  # fmt: skip
     neumann = set(module_closure("pipelines.train", "models.neumann", leaves=fingerprint.MODEL_LEAVES))
     modl = set(module_closure("pipelines.train", "models.modl", leaves=fingerprint.MODEL_LEAVES))
     assert "models.neumann" in neumann and "models.blocks" in neumann and "models.modl" not in neumann
+    assert "models.analysis" not in neumann
     assert "models.modl" in modl and "models.neumann" not in modl and "models.post" not in modl
     assert "models.registry" in neumann, "the registry's own source still counts"
     recon = set(module_closure("pipelines.recon", leaves=fingerprint.MODEL_LEAVES))

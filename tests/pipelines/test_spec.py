@@ -97,9 +97,12 @@ def test_stage_kinds_come_from_one_registry():
         "preprocess",
         "simulate",
         "train",
+        "train_task",
         "gate",
         "recon",
         "evaluate",
+        "segment",
+        "classify",
     ]
     assert STAGE_KINDS["recon"].runner().__module__ == "pipelines.recon"
     assert STAGE_KINDS["gate"].runner().__module__ == "pipelines.gate"

@@ -1,0 +1,164 @@
+"""Analysis networks (models.analysis): shapes, gradients, tiny training, transfer of the encoder, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_model, load_model, save_model
+from models.analysis import ENCODER_LAYERS, UNetClassifier, load_encoder
+
+TINY_FEATURES = [4, 4, 8, 8, 16, 4]
+SEGMENTERS = {
+    "unet3d": {"out_channels": 3, "features": TINY_FEATURES},
+    "unet2d": {"out_channels": 3, "features": TINY_FEATURES},
+    "vnet": {"out_channels": 3},
+}
+CLASSIFIERS = {
+    "densenet3d": {"init_features": 4, "growth_rate": 4, "block_config": [1, 1]},
+    "resnet3d": {"widths": [4, 8, 8, 16]},
+    "unet_classifier": {"features": TINY_FEATURES},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(SEGMENTERS))
+def test_a_segmenter_gives_class_logits_per_voxel(name):
+    net = build_model(name, SEGMENTERS[name])
+    x = torch.randn(2, 1, 32, 32, 32)
+    assert net(x).shape == (2, 3, 32, 32, 32)
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_classifier_gives_one_logit_per_volume(name, channels):
+    net = build_model(name, {**CLASSIFIERS[name], "in_channels": channels})
+    assert net(torch.randn(3, channels, 32, 32, 32)).shape == (3,)
+
+
+@pytest.mark.parametrize("name", list(SEGMENTERS) + list(CLASSIFIERS))
+def test_gradients_reach_every_parameter(name):
+    kwargs = SEGMENTERS.get(name) or CLASSIFIERS[name]
+    net = build_model(name, kwargs)
+    torch.manual_seed(0)
+    out = net(torch.randn(2, 1, 32, 32, 32))
+    (out.square().mean()).backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, missing[:5]
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Volumes with a bright cube (class 1) and a dark sphere (class 2) at random places."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, 32, 32, 32), np.float32)
+    y = np.zeros((n, 1, 32, 32, 32), np.int64)
+    grid = np.indices((32, 32, 32))
+    for i in range(n):
+        a = rng.integers(4, 20, 3)
+        x[i, 0, a[0] : a[0] + 8, a[1] : a[1] + 8, a[2] : a[2] + 8] = 1.0
+        y[i, 0, a[0] : a[0] + 8, a[1] : a[1] + 8, a[2] : a[2] + 8] = 1
+        c = rng.integers(8, 24, 3)
+        ball = ((grid - c[:, None, None, None]) ** 2).sum(0) < 25
+        x[i, 0][ball & (y[i, 0] == 0)] = 0.5
+        y[i, 0][ball & (y[i, 0] == 0)] = 2
+    x += 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_a_tiny_unet3d_learns_to_segment_with_a_dice_loss():
+    from monai.losses import DiceCELoss
+
+    from pipelines.scores import dice_per_class
+
+    torch.manual_seed(0)
+    net = build_model("unet3d", {"out_channels": 3, "features": [8, 8, 16, 16, 32, 8]})
+    x, y = _blobs(4, seed=0)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    x_test, y_test = _blobs(2, seed=1)
+    with torch.no_grad():
+        before = np.nanmean(dice_per_class(net(x_test).argmax(1).numpy(), y_test[:, 0].numpy(), 3))
+    for _ in range(40):
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        after = np.nanmean(dice_per_class(net(x_test).argmax(1).numpy(), y_test[:, 0].numpy(), 3))
+    assert after > 0.8 and after > before + 0.3, (before, after)
+
+
+def test_a_tiny_classifier_learns_which_volumes_hold_a_bright_cube():
+    rng = np.random.default_rng(0)
+    x = 0.1 * rng.standard_normal((16, 1, 32, 32, 32)).astype(np.float32)
+    labels = np.arange(16) % 2
+    for i in np.flatnonzero(labels):
+        a = rng.integers(2, 24, 3)
+        x[i, 0, a[0] : a[0] + 6, a[1] : a[1] + 6, a[2] : a[2] + 6] += 1.0
+    torch.manual_seed(0)
+    net = build_model("unet_classifier", {"features": TINY_FEATURES})
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    first = float(loss_fn(net(xt), yt))
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(net(xt), yt)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+    assert ((net(xt) > 0).numpy() == labels.astype(bool)).mean() == 1.0
+
+
+def test_freeze_trains_only_the_head_of_a_transferred_encoder():
+    segmenter = build_model("unet3d", {"out_channels": 3, "features": TINY_FEATURES})
+    clf = UNetClassifier(features=TINY_FEATURES, freeze=True)
+    assert load_encoder(clf, segmenter.state_dict()) > 0
+    for name in ENCODER_LAYERS:  # the encoder holds the segmenter's weights
+        for (k, a), (_, b) in zip(
+            getattr(segmenter, name).state_dict().items(), clf.encoder[name].state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), k
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    opt = torch.optim.SGD([p for p in clf.parameters() if p.requires_grad], lr=0.1)
+    clf.train()
+    assert not clf.encoder.training  # frozen normalisation too
+    clf(torch.randn(2, 1, 32, 32, 32)).sum().backward()
+    opt.step()
+    after = clf.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("head.") for k in changed), changed
+
+
+def test_an_encoder_of_another_shape_is_refused_with_the_reason():
+    segmenter = build_model("unet3d", {"out_channels": 3, "features": [8, 8, 16, 16, 32, 8]})
+    with pytest.raises(ValueError, match="same in_channels and features"):
+        load_encoder(UNetClassifier(features=TINY_FEATURES), segmenter.state_dict())
+    with pytest.raises(ValueError, match="no encoder layers"):
+        load_encoder(UNetClassifier(features=TINY_FEATURES), {"weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", ["unet3d", "unet_classifier"])
+def test_a_saved_analysis_model_loads_back_identically(tmp_path, name):
+    kwargs = SEGMENTERS.get(name) or CLASSIFIERS[name]
+    net = build_model(name, kwargs).eval()
+    save_model(net, name, kwargs, tmp_path)
+    loaded, spec = load_model(tmp_path)
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert spec["name"] == name
+    assert torch.equal(net(x), loaded(x))
+
+
+def test_bad_features_name_what_is_expected():
+    from models import ModelError
+
+    with pytest.raises(ModelError, match="6 positive channel counts"):
+        build_model("unet3d", {"features": [4, 8]})

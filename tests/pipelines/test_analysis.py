@@ -1,0 +1,185 @@
+"""Analysis stages: specs, what they read (pipelines.volumes), scores, and one tiny pipeline end to end on Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
+from rich.console import Console
+
+from pipelines.errors import StageError
+from pipelines.phantoms import lesion_options
+from pipelines.scores import auc, dice_per_class, hd95_per_class, roc
+from pipelines.spec import PhantomStage, PipelineSpec
+from pipelines.store import Archive
+from pipelines.volumes import class_map, read_input
+
+NAMES = ["background", "scalp", "csf", "lesions"]
+
+
+def _pipeline(root, stages: list[dict]) -> PipelineSpec:
+    return PipelineSpec.model_validate(
+        {
+            "name": "a",
+            "archive": {"path": str(root / "archive")},
+            "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "a"},
+            "stages": stages,
+        }
+    )
+
+
+PHANTOMS = {"kind": "phantoms", "phantom": "brain", "n_scans": 8, "shape": [32, 32, 32],
+            "split": {"train": 4, "val": 1, "test": 3}, "lesions": {"prevalence": 0.5, "scale": 3}}  # fmt: skip
+SEG = {"kind": "train_task", "name": "seg", "task": "segment",
+       "model": {"name": "unet3d", "kwargs": {"features": [4, 4, 8, 8, 16, 4]}},
+       "classes": {"tissue": ["grey_matter", "white_matter"], "lesions": ["lesions"]},
+       "patch": [32, 32, 32], "epochs": 2, "steps_per_epoch": 4, "batch_size": 1}  # fmt: skip
+CLF = {"kind": "train_task", "name": "clf", "task": "classify",
+       "model": {"name": "unet_classifier", "kwargs": {"features": [4, 4, 8, 8, 16, 4]}},
+       "init_encoder": "seg", "freeze": True, "epochs": 1, "steps_per_epoch": 3, "batch_size": 2}  # fmt: skip
+
+
+# -- specs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"loss": "bce"}, "loss bce is for task classify"),
+        ({"freeze": True}, "init_encoder and freeze apply to task classify"),
+    ],
+)
+def test_a_segmentation_stage_refuses_classification_settings(tmp_path, change, message):
+    with pytest.raises(ValidationError, match=message):
+        _pipeline(tmp_path, [PHANTOMS, {**SEG, **change}])
+
+
+def test_freeze_needs_an_encoder_and_an_encoder_needs_a_segmentation_stage(tmp_path):
+    with pytest.raises(ValidationError, match="freeze trains only the head"):
+        _pipeline(tmp_path, [PHANTOMS, {**CLF, "init_encoder": None}])
+    with pytest.raises(ValidationError, match="init_encoder 'seg' names no segmentation train_task stage"):
+        _pipeline(tmp_path, [PHANTOMS, CLF])
+
+
+def test_segment_and_classify_stages_name_a_model_of_their_task(tmp_path):
+    with pytest.raises(ValidationError, match="'clf' names no train_task stage with task segment"):
+        _pipeline(tmp_path, [PHANTOMS, SEG, CLF, {"kind": "segment", "model": "clf"}])
+    with pytest.raises(ValidationError, match="'seg' names no train_task stage with task classify"):
+        _pipeline(tmp_path, [PHANTOMS, SEG, {"kind": "classify", "models": ["seg"]}])
+    with pytest.raises(ValidationError, match="recon inputs need a recon stage"):
+        _pipeline(tmp_path, [PHANTOMS, SEG, {"kind": "segment", "model": "seg", "inputs": ["recon/*"]}])
+
+
+def test_lesions_are_for_brain_phantoms_and_drawn_per_scan_with_the_prevalence():
+    with pytest.raises(ValidationError, match="lesions apply to brain phantoms"):
+        PhantomStage.model_validate({**PHANTOMS, "phantom": "ellipsoids"})
+    stage = PhantomStage.model_validate({**PHANTOMS, "n_scans": 8})
+    draws = [lesion_options(stage, 0, f"phantom-{i:04d}")["lesion_count"] for i in range(200)]
+    assert 0.35 < np.mean([d > 0 for d in draws]) < 0.65
+    assert set(draws) <= {0, 1, 2, 3} and draws == [
+        lesion_options(stage, 0, f"phantom-{i:04d}")["lesion_count"] for i in range(200)
+    ]
+    none = PhantomStage.model_validate({**PHANTOMS, "lesions": {"prevalence": 0.0}})
+    assert all(lesion_options(none, 0, f"p{i}")["lesion_count"] == 0 for i in range(20))
+
+
+# -- what the models read ------------------------------------------------------------------------------
+
+
+def test_classes_group_named_or_numbered_labels_and_the_rest_is_background():
+    names, lut = class_map({"brain": ["csf", 1], "lesion": ["lesions"]}, NAMES)
+    assert names == ["background", "brain", "lesion"]
+    assert lut[:4].tolist() == [0, 1, 1, 2] and lut[4:].max() == 0
+    names, lut = class_map(None, NAMES)  # every named label its own class
+    assert names == NAMES and lut[:4].tolist() == [0, 1, 2, 3]
+    with pytest.raises(StageError, match="the labels have no 'tumour'; they name"):
+        class_map({"t": ["tumour"]}, NAMES)
+    with pytest.raises(StageError, match="is in classes 'a' and 'b'"):
+        class_map({"a": ["csf"], "b": [2]}, NAMES)
+    with pytest.raises(StageError, match="do not name their values"):
+        class_map(None, [])
+
+
+def test_inputs_are_scaled_images_or_kspace_magnitude_and_phase(tmp_path):
+    from tests.pipelines.helpers import phantom_archive, simulate
+
+    from pipelines.spec import MaskSpec, SimulateStage
+
+    archive = phantom_archive(tmp_path, n=1, shape=(4, 32, 32))
+    image = read_input(archive, "s0", "image")
+    assert image.shape == (1, 4, 32, 32) and abs(np.percentile(image, 99.5) - 1) < 1e-5
+    assert simulate(archive, "s0", SimulateStage(kind="simulate", mask=MaskSpec(acceleration=4))).status == "done"
+    k = read_input(archive, "s0", "measurements")
+    assert k.shape == (2, 4, 32, 32) and k.dtype == np.float32
+    assert k[0].min() >= 0 and np.abs(k[1]).max() <= 1  # log-magnitude, phase / π
+    with pytest.raises(StageError, match="has no array 'recon/cs_tv'"):
+        read_input(archive, "s0", "recon/cs_tv")
+
+
+# -- scores ---------------------------------------------------------------------------------------------
+
+
+def test_dice_and_hd95_of_a_shifted_cube():
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[5:15, 5:15, 5:15] = 1
+    pred = np.roll(ref, 2, axis=2)
+    assert dice_per_class(pred, ref, 3)[0] == pytest.approx(0.8)
+    assert np.isnan(dice_per_class(pred, ref, 3)[1])  # class 2 is in neither: no score
+    assert hd95_per_class(pred, ref, 2)[0] == pytest.approx(2.0)
+    assert hd95_per_class(pred, ref, 2, spacing=(1.0, 1.0, 1.5))[0] == pytest.approx(3.0)
+    assert np.isnan(hd95_per_class(np.zeros_like(ref), ref, 2)[0])
+
+
+def test_auc_and_roc():
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    fpr, tpr = roc([0.1, 0.9], [0, 1])
+    assert fpr[0] == 0 and tpr[-1] == 1
+    with pytest.raises(ValueError, match="needs scans of both classes"):
+        auc([0.2, 0.3], [1, 1])
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_segment_and_classify_after_reconstruction_end_to_end(ray_session, tmp_path):
+    from pipelines.runner import run_pipeline
+
+    spec = _pipeline(
+        tmp_path,
+        [
+            PHANTOMS,
+            {"kind": "simulate", "mask": {"acceleration": 4}},
+            {"kind": "recon", "methods": ["zero_filled"], "actors": 1},
+            SEG,
+            CLF,
+            {**CLF, "name": "kspace", "input": "measurements", "init_encoder": None, "freeze": False,
+             "model": {"name": "densenet3d", "kwargs": {"init_features": 4, "growth_rate": 4, "block_config": [1]}}},
+            {"kind": "segment", "model": "seg", "inputs": ["image", "recon/*"], "figures": 1},
+            {"kind": "classify", "models": ["clf", "kspace"]},
+        ],
+    )  # fmt: skip
+    result = run_pipeline(spec, Console(quiet=True))
+    archive = Archive(str(tmp_path / "archive"))
+    seg = result.outputs["segment"]
+    assert seg["inputs"] == ["image", "zero_filled"]
+    assert seg["classes"] == ["background", "tissue", "lesions"]
+    assert set(seg["summary"]) == {"image", "zero_filled"} and "psnr" in seg["summary"]["zero_filled"]
+    for scan in archive.scans("test"):
+        pred = archive.read_array(scan, "seg/segment.zero_filled")
+        assert pred.shape == (32, 32, 32) and pred.max() <= 2
+    assert result.outputs["clf"]["encoder"] == result.outputs["seg"]["model_uri"]
+    assert result.outputs["kspace"]["input"] == "measurements"
+    summary = result.outputs["classify"]["summary"]
+    assert set(summary) == {"clf", "kspace"} and all(0 <= s["accuracy"] <= 1 for s in summary.values())
+    client = MlflowClient(result.tracking_uri)
+    figures = [f.path for f in client.list_artifacts(result.run_id, "segment/segment")]
+    assert any(p.endswith("_overlay.png") for p in figures), figures
+    metrics = client.get_run(result.run_id).data.metrics
+    assert "segment/zero_filled/dice_mean" in metrics and "segment/image/dice/lesions" in metrics
+    # the same spec again: every stage is skipped
+    again = run_pipeline(spec, Console(quiet=True))
+    assert {r.status for r in again.stages} == {"skipped"}
