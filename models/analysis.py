@@ -3,28 +3,30 @@
 Every network takes a batch of volumes ``x`` of shape ``(B, C, D, H, W)``: ``C`` input channels
 (1 for an image or a reconstruction; 2 for single-coil k-space as log-magnitude and phase).
 
-* ``unet3d``: MONAI's :class:`~monai.networks.nets.BasicUNet` (two convolutions per level, four
-  poolings, so ``D, H, W`` must be multiples of 16, and at least 32 with instance normalisation;
-  training crops patches and inference slides a window of that size) returning per-class logits
-  ``(B, K, D, H, W)``.
+* ``unet3d``: MONAI's :class:`~monai.networks.nets.UNet` (a strided convolution and a residual
+  unit per level, instance normalisation; sizes are multiples of ``2 ** (levels - 1)``: training
+  crops patches and inference slides a window) returning per-class logits ``(B, K, D, H, W)``.
+  On two CPU cores it trains four times faster than MONAI's ``BasicUNet`` (two full convolutions
+  per level) at a 32 x 64 x 64 patch.
 * ``unet2d``: the same network in 2D, applied to every slice (:class:`SliceWise`): what a 2D
   segmentation sees, with the same input and output shapes as the 3D one.
 * ``vnet``: MONAI's :class:`~monai.networks.nets.VNet` (Milletari et al. 2016: residual stages,
   strided convolutions instead of pooling), per-class logits. MONAI fixes its widths (16 to 256
   channels, 46 M parameters): on two CPU cores it is the slow choice.
 * ``densenet3d`` and ``resnet3d``: MONAI's 3D DenseNet and ResNet, one logit per volume ``(B,)``.
-* ``unet_classifier``: the encoder of ``unet3d`` (the same layers under the same names) with
-  global average and max pooling and a linear head, one logit per volume. Its encoder loads the
+* ``unet_classifier``: the encoder of ``unet3d`` (its contracting path, :func:`encoder_layers`)
+  with global average and max pooling of every level and a linear head, one logit per volume.
+  Its encoder loads the
   weights of a trained segmentation ``unet3d`` (:func:`load_encoder`), and ``freeze`` trains only
   the head: transfer learning from segmentation to classification.
 
 Example:
     >>> import torch
-    >>> net = build_unet(spatial_dims=3, in_channels=1, out_channels=4, features=(4, 4, 8, 8, 16, 4))
-    >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
-    torch.Size([1, 4, 32, 32, 32])
-    >>> clf = UNetClassifier(in_channels=1, features=(4, 4, 8, 8, 16, 4))
-    >>> clf(torch.zeros(2, 1, 32, 32, 32)).shape
+    >>> net = build_unet(spatial_dims=3, in_channels=1, out_channels=4, channels=(4, 8, 16))
+    >>> net(torch.zeros(1, 1, 16, 16, 16)).shape
+    torch.Size([1, 4, 16, 16, 16])
+    >>> clf = UNetClassifier(in_channels=1, channels=(4, 8, 16))
+    >>> clf(torch.zeros(2, 1, 16, 16, 16)).shape
     torch.Size([2])
 """
 
@@ -45,45 +47,63 @@ __all__ = [
     "build_densenet",
     "build_resnet",
     "load_encoder",
-    "ENCODER_LAYERS",
+    "encoder_layers",
 ]
 
-#: The layers of MONAI's BasicUNet that make its encoder (the contracting path).
-ENCODER_LAYERS = ("conv_0", "down_1", "down_2", "down_3", "down_4")
-
-_FEATURES = (16, 16, 32, 64, 128, 16)
-
-
-def _features(features: Sequence[int]) -> tuple[int, int, int, int, int, int]:
-    f = tuple(int(v) for v in features)
-    if len(f) != 6 or min(f) < 1:
-        raise ValueError(
-            f"features: expected 6 positive channel counts (5 levels and the output); found {list(f)}"
-        )
-    return f  # type: ignore[return-value]
+_CHANNELS = (16, 32, 64, 128)
 
 
 def build_unet(
     spatial_dims: int = 3,
     in_channels: int = 1,
     out_channels: int = 2,
-    features: Sequence[int] = _FEATURES,
+    channels: Sequence[int] = _CHANNELS,
+    num_res_units: int = 1,
     dropout: float = 0.0,
     norm: str = "instance",
 ) -> nn.Module:
-    """MONAI's BasicUNet: per-class logits, input sizes multiples of 16."""
-    from monai.networks.nets import BasicUNet
+    """MONAI's UNet: a strided convolution down at every level (``len(channels) - 1`` halvings, so
+    sizes are multiples of ``2 ** (len(channels) - 1)``), residual units, per-class logits."""
+    from monai.networks.nets import UNet
 
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims: expected 2 or 3; found {spatial_dims}")
-    return BasicUNet(
+    widths = tuple(int(c) for c in channels)
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(
+            f"channels: expected at least 2 positive widths, one per level; found {list(widths)}"
+        )
+    return UNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
-        features=_features(features),
-        norm=(norm, {"affine": True}),
+        channels=widths,
+        strides=(2,) * (len(widths) - 1),
+        num_res_units=num_res_units,
         dropout=dropout,
+        norm=norm,
     )
+
+
+def encoder_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The contracting path of a MONAI UNet: ``(state-dict prefix, layer)`` from the top level down.
+
+    MONAI nests each level as ``Sequential(down, SkipConnection(next level), up)``; the bottom
+    level's ``SkipConnection`` holds the bottom layer itself.
+    """
+    from monai.networks.layers import SkipConnection
+
+    out: list[tuple[str, nn.Module]] = []
+    node: Any = unet.model
+    prefix = "model"
+    while True:
+        out.append((f"{prefix}.0", node[0]))
+        inner = node[1].submodule
+        if isinstance(inner, nn.Sequential) and len(inner) == 3 and isinstance(inner[1], SkipConnection):
+            node, prefix = inner, f"{prefix}.1.submodule"
+            continue
+        out.append((f"{prefix}.1.submodule", inner))
+        return out
 
 
 class SliceWise(nn.Module):
@@ -102,12 +122,13 @@ class SliceWise(nn.Module):
 def build_unet2d(
     in_channels: int = 1,
     out_channels: int = 2,
-    features: Sequence[int] = (32, 32, 64, 128, 256, 32),
+    channels: Sequence[int] = (32, 64, 128, 256),
+    num_res_units: int = 1,
     dropout: float = 0.0,
     norm: str = "instance",
 ) -> nn.Module:
-    """The 2D BasicUNet, slice by slice."""
-    return SliceWise(build_unet(2, in_channels, out_channels, features, dropout, norm))
+    """The 2D UNet, slice by slice."""
+    return SliceWise(build_unet(2, in_channels, out_channels, channels, num_res_units, dropout, norm))
 
 
 def build_vnet(in_channels: int = 1, out_channels: int = 2, dropout: float = 0.0) -> nn.Module:
@@ -180,15 +201,18 @@ class UNetClassifier(nn.Module):
     def __init__(
         self,
         in_channels: int = 1,
-        features: Sequence[int] = _FEATURES,
+        channels: Sequence[int] = _CHANNELS,
+        num_res_units: int = 1,
         dropout: float = 0.0,
         norm: str = "instance",
         freeze: bool = False,
     ) -> None:
         super().__init__()
-        unet = build_unet(3, in_channels, 2, features, dropout, norm)
-        self.encoder = nn.ModuleDict({name: getattr(unet, name) for name in ENCODER_LAYERS})
-        width = sum(_features(features)[:5])  # pooled features of every level
+        unet = build_unet(3, in_channels, 2, channels, num_res_units, dropout, norm)
+        layers = encoder_layers(unet)
+        self.prefixes = [p for p, _ in layers]
+        self.encoder = nn.ModuleList([m for _, m in layers])
+        width = sum(int(c) for c in channels)  # every level's features, pooled
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, 1))
         self.freeze = freeze
         if freeze:
@@ -202,8 +226,8 @@ class UNetClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = []
-        for name in ENCODER_LAYERS:
-            x = self.encoder[name](x)
+        for layer in self.encoder:
+            x = layer(x)
             pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))]
         return self.head(torch.cat(pooled, dim=1)).reshape(-1)
 
@@ -212,17 +236,19 @@ def load_encoder(classifier: UNetClassifier, segmenter_state: dict[str, Any]) ->
     """Copy a segmentation ``unet3d``'s encoder weights into ``classifier``; returns the tensors copied.
 
     Raises:
-        ValueError: the state has no encoder layers, or their shapes differ (another ``features``).
+        ValueError: the state lacks an encoder layer, or its shapes differ (another ``channels``).
     """
-    own = classifier.encoder.state_dict()
-    found = {k: v for k, v in segmenter_state.items() if k.split(".", 1)[0] in ENCODER_LAYERS}
-    if not found:
-        raise ValueError(f"the segmentation model has no encoder layers {ENCODER_LAYERS}: is it a unet3d?")
-    wrong = [k for k, v in found.items() if k not in own or own[k].shape != v.shape]
-    if wrong:
-        raise ValueError(
-            f"the segmentation model's encoder does not fit this classifier ({len(wrong)} tensors differ, "
-            f"e.g. {wrong[0]}): give both the same in_channels and features"
-        )
-    classifier.encoder.load_state_dict(found, strict=True)
-    return len(found)
+    copied = 0
+    for layer, prefix in zip(classifier.encoder, classifier.prefixes, strict=True):
+        own = layer.state_dict()
+        found = {k[len(prefix) + 1 :]: v for k, v in segmenter_state.items() if k.startswith(prefix + ".")}
+        if not found:
+            raise ValueError(f"the segmentation model has no encoder layer {prefix!r}: is it a unet3d?")
+        if set(found) != set(own) or any(own[k].shape != v.shape for k, v in found.items()):
+            raise ValueError(
+                f"the segmentation model's encoder layer {prefix!r} does not fit this classifier: "
+                "give both the same in_channels, channels and num_res_units"
+            )
+        layer.load_state_dict(found)
+        copied += len(found)
+    return copied

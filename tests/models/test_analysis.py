@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from models import build_model, load_model, save_model
-from models.analysis import ENCODER_LAYERS, UNetClassifier, load_encoder
+from models.analysis import UNetClassifier, load_encoder
 
-TINY_FEATURES = [4, 4, 8, 8, 16, 4]
+TINY = [4, 8, 16]
 SEGMENTERS = {
-    "unet3d": {"out_channels": 3, "features": TINY_FEATURES},
-    "unet2d": {"out_channels": 3, "features": TINY_FEATURES},
+    "unet3d": {"out_channels": 3, "channels": TINY},
+    "unet2d": {"out_channels": 3, "channels": TINY},
     "vnet": {"out_channels": 3},
 }
 CLASSIFIERS = {
     "densenet3d": {"init_features": 4, "growth_rate": 4, "block_config": [1, 1]},
     "resnet3d": {"widths": [4, 8, 8, 16]},
-    "unet_classifier": {"features": TINY_FEATURES},
+    "unet_classifier": {"channels": TINY},
 }
 
 
@@ -79,14 +79,14 @@ def test_a_tiny_unet3d_learns_to_segment_with_a_dice_loss():
     from pipelines.scores import dice_per_class
 
     torch.manual_seed(0)
-    net = build_model("unet3d", {"out_channels": 3, "features": [8, 8, 16, 16, 32, 8]})
+    net = build_model("unet3d", {"out_channels": 3, "channels": [8, 16, 32]})
     x, y = _blobs(4, seed=0)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     x_test, y_test = _blobs(2, seed=1)
     with torch.no_grad():
         before = np.nanmean(dice_per_class(net(x_test).argmax(1).numpy(), y_test[:, 0].numpy(), 3))
-    for _ in range(40):
+    for _ in range(80):
         opt.zero_grad()
         loss_fn(net(x), y).backward()
         opt.step()
@@ -104,7 +104,7 @@ def test_a_tiny_classifier_learns_which_volumes_hold_a_bright_cube():
         a = rng.integers(2, 24, 3)
         x[i, 0, a[0] : a[0] + 6, a[1] : a[1] + 6, a[2] : a[2] + 6] += 1.0
     torch.manual_seed(0)
-    net = build_model("unet_classifier", {"features": TINY_FEATURES})
+    net = build_model("unet_classifier", {"channels": TINY})
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -119,14 +119,13 @@ def test_a_tiny_classifier_learns_which_volumes_hold_a_bright_cube():
 
 
 def test_freeze_trains_only_the_head_of_a_transferred_encoder():
-    segmenter = build_model("unet3d", {"out_channels": 3, "features": TINY_FEATURES})
-    clf = UNetClassifier(features=TINY_FEATURES, freeze=True)
+    segmenter = build_model("unet3d", {"out_channels": 3, "channels": TINY})
+    clf = UNetClassifier(channels=TINY, freeze=True)
     assert load_encoder(clf, segmenter.state_dict()) > 0
-    for name in ENCODER_LAYERS:  # the encoder holds the segmenter's weights
-        for (k, a), (_, b) in zip(
-            getattr(segmenter, name).state_dict().items(), clf.encoder[name].state_dict().items(), strict=True
-        ):
-            assert torch.equal(a, b), k
+    state = segmenter.state_dict()
+    for prefix, layer in zip(clf.prefixes, clf.encoder, strict=True):  # the encoder holds the segmenter's weights
+        for k, v in layer.state_dict().items():
+            assert torch.equal(state[f"{prefix}.{k}"], v), k
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     opt = torch.optim.SGD([p for p in clf.parameters() if p.requires_grad], lr=0.1)
     clf.train()
@@ -139,11 +138,11 @@ def test_freeze_trains_only_the_head_of_a_transferred_encoder():
 
 
 def test_an_encoder_of_another_shape_is_refused_with_the_reason():
-    segmenter = build_model("unet3d", {"out_channels": 3, "features": [8, 8, 16, 16, 32, 8]})
-    with pytest.raises(ValueError, match="same in_channels and features"):
-        load_encoder(UNetClassifier(features=TINY_FEATURES), segmenter.state_dict())
-    with pytest.raises(ValueError, match="no encoder layers"):
-        load_encoder(UNetClassifier(features=TINY_FEATURES), {"weight": torch.zeros(1)})
+    segmenter = build_model("unet3d", {"out_channels": 3, "channels": [8, 16, 32]})
+    with pytest.raises(ValueError, match="same in_channels, channels and num_res_units"):
+        load_encoder(UNetClassifier(channels=TINY), segmenter.state_dict())
+    with pytest.raises(ValueError, match="no encoder layer 'model.0'"):
+        load_encoder(UNetClassifier(channels=TINY), {"weight": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("name", ["unet3d", "unet_classifier"])
@@ -160,5 +159,5 @@ def test_a_saved_analysis_model_loads_back_identically(tmp_path, name):
 def test_bad_features_name_what_is_expected():
     from models import ModelError
 
-    with pytest.raises(ModelError, match="6 positive channel counts"):
-        build_model("unet3d", {"features": [4, 8]})
+    with pytest.raises(ModelError, match="at least 2 positive widths"):
+        build_model("unet3d", {"channels": [4]})

@@ -32,11 +32,11 @@ def _pipeline(root, stages: list[dict]) -> PipelineSpec:
 PHANTOMS = {"kind": "phantoms", "phantom": "brain", "n_scans": 8, "shape": [32, 32, 32],
             "split": {"train": 4, "val": 1, "test": 3}, "lesions": {"prevalence": 0.5, "scale": 3}}  # fmt: skip
 SEG = {"kind": "train_task", "name": "seg", "task": "segment",
-       "model": {"name": "unet3d", "kwargs": {"features": [4, 4, 8, 8, 16, 4]}},
+       "model": {"name": "unet3d", "kwargs": {"channels": [4, 8, 16]}},
        "classes": {"tissue": ["grey_matter", "white_matter"], "lesions": ["lesions"]},
        "patch": [32, 32, 32], "epochs": 2, "steps_per_epoch": 4, "batch_size": 1}  # fmt: skip
 CLF = {"kind": "train_task", "name": "clf", "task": "classify",
-       "model": {"name": "unet_classifier", "kwargs": {"features": [4, 4, 8, 8, 16, 4]}},
+       "model": {"name": "unet_classifier", "kwargs": {"channels": [4, 8, 16]}},
        "init_encoder": "seg", "freeze": True, "epochs": 1, "steps_per_epoch": 3, "batch_size": 2}  # fmt: skip
 
 
