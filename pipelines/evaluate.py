@@ -24,9 +24,9 @@ from pipelines.context import StageContext, StageResult
 from pipelines.errors import IntegrityError
 from pipelines.fanout import fan_out, summarise
 from pipelines.spec import EvaluateStage
-from pipelines.store import SOURCE, Archive
+from pipelines.store import SOURCE, STD_SUFFIX, Archive
 
-__all__ = ["score_scan", "aggregate", "comparison_figure", "run"]
+__all__ = ["score_scan", "aggregate", "comparison_figure", "uncertainty_slice_figure", "run"]
 
 #: Columns copied from each method's recon commit record beside the metrics: wall seconds per scan
 #: and per slice, iterations per slab, ``converged`` (1 when every slab met its tolerance, so its mean
@@ -34,7 +34,7 @@ __all__ = ["score_scan", "aggregate", "comparison_figure", "run"]
 #: the regularisation weight a tuned method used.
 COSTS = ("recon_s", "s_per_slice", "iterations", "converged", "dc_residual", "lam")
 #: Metrics whose spread over scans is reported too (``<metric>_std``).
-SPREAD = ("psnr", "ssim", "nmse")
+SPREAD = ("psnr", "ssim", "nmse", "std_error_r")
 
 
 def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: list[str]) -> dict[str, Any]:
@@ -60,6 +60,12 @@ def score_scan(archive: Archive, scan_id: str, *, methods: list[str], metrics: l
             )
         cost = (archive.commit_record(f"recon/{method}", scan_id) or {}).get("solver", {})
         scores[method] = values | {k: float(cost[k]) for k in COSTS if cost.get(k) is not None}
+        if archive.has_array(scan_id, f"recon/{method}{STD_SUFFIX}"):  # how well its std predicts its error
+            from models.uncertainty import calibration, foreground
+
+            std = on_grid(archive.read_array(scan_id, f"recon/{method}{STD_SUFFIX}"), ref.shape)
+            r = calibration(std, np.abs(recon - ref), foreground(ref))
+            scores[method] |= {"std_mean": float(std.mean())} | ({"std_error_r": r} if np.isfinite(r) else {})
     return {"scores": scores}
 
 
@@ -118,6 +124,19 @@ def comparison_figure(
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[1, -1], shrink=0.9, label="absolute error")
     return fig
+
+
+def uncertainty_slice_figure(archive: Archive, scan_id: str, key: str, slice_index: int | None = None) -> Any:
+    """Reference, reconstruction, |error| and the MC-dropout std of one slice (models.uncertainty)."""
+    from models.uncertainty import uncertainty_figure
+
+    ref = archive.read_array(scan_id, archive.reference_name(scan_id))
+    d = ref.shape[0] // 2 if slice_index is None else min(max(slice_index, 0), ref.shape[0] - 1)
+    recon = on_grid(archive.read_array(scan_id, f"recon/{key}", d, d + 1), ref[d : d + 1].shape)[0]
+    std = on_grid(archive.read_array(scan_id, f"recon/{key}{STD_SUFFIX}", d, d + 1), ref[d : d + 1].shape)[0]
+    return uncertainty_figure(
+        ref[d], recon, std, f"{key}: predicted std against |error|, {scan_id} slice {d}"
+    )
 
 
 def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResult:
@@ -185,6 +204,10 @@ def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResul
         fig = comparison_figure(ctx.archive, first, methods, stage.figure_slice)
         ctx.tracker.log_figure(fig, f"evaluation/{stage.name}/{first}_comparison.png")
         plt.close(fig)
+        for key in (m for m in methods if ctx.archive.has_array(first, f"recon/{m}{STD_SUFFIX}")):
+            fig = uncertainty_slice_figure(ctx.archive, first, key, stage.figure_slice)
+            ctx.tracker.log_figure(fig, f"evaluation/{stage.name}/{first}_{key}_uncertainty.png")
+            plt.close(fig)
     outputs = {
         "methods": methods,
         "means": means,

@@ -33,8 +33,8 @@ from pipelines.fanout import ScanOutcome, process_units, progress_bar, summarise
 from pipelines.fingerprint import MODEL_LEAVES, code_version
 from pipelines.methods import MethodRef, ResolvedMethod, resolve_model_uri
 from pipelines.physics import Acquisition
-from pipelines.spec import ReconStage, SolverOptions
-from pipelines.store import MEASUREMENTS, Archive, record_digest
+from pipelines.spec import ReconStage, SolverOptions, UncertaintySpec
+from pipelines.store import MEASUREMENTS, STD_SUFFIX, Archive, record_digest
 from pipelines.tuning import tune_methods
 
 __all__ = [
@@ -130,6 +130,7 @@ def resolve_methods(
     options: dict[str, SolverOptions],
     tracking_uri: str,
     trained: dict[str, str] | None = None,
+    uncertainty: UncertaintySpec | None = None,
 ) -> list[ResolvedMethod]:
     """Output keys, exact model URIs and identities of a stage's methods (on the driver, before Ray).
 
@@ -138,6 +139,7 @@ def resolve_methods(
         options: solver options per classical name (unset: the method's defaults).
         tracking_uri: where model URIs resolve.
         trained: ``{train stage name: model URI}`` for ``learned:<name>`` methods.
+        uncertainty: MC-dropout settings; a model's identity then carries them (it writes a std map).
 
     Raises:
         StageError: a ``learned:`` method names a train stage that recorded no model.
@@ -155,6 +157,8 @@ def resolve_methods(
             if not uri:
                 raise StageError(f"method {ref.text!r}: train stage {ref.target!r} recorded no model")
         key, exact, identity = resolve_model_uri(uri, tracking_uri)
+        if uncertainty is not None:
+            identity = identity | {"uncertainty": uncertainty.model_dump()}
         out.append(ResolvedMethod(ref, key, exact, identity))
     keys = [m.key for m in out]
     if len(set(keys)) != len(keys):
@@ -212,6 +216,18 @@ class Reconstructor:
             return SlabResult(apply_slices(self.models[method.model_uri], y, slices, device=self.device))
         return classical_slab(method.identity["method"], y, op, method.identity["options"])
 
+    def _std(self, method: ResolvedMethod, y: torch.Tensor, slices: SliceOperator, z0: int) -> np.ndarray:
+        """The per-voxel std of the magnitude over MC-dropout samples of a model on one slab."""
+        from models.uncertainty import mc_dropout
+
+        settings = method.identity["uncertainty"]
+        model = self.models[str(method.model_uri)]
+        samples = []
+        for k in range(int(settings["samples"])):
+            with torch.no_grad(), mc_dropout(model, float(settings["dropout"]), seed=1_000_003 * z0 + k):
+                samples.append(apply_slices(model, y, slices, device=self.device).abs())
+        return torch.stack(samples).std(dim=0).numpy().astype(np.float32)
+
     def reconstruct_scan(self, archive: Archive, scan_id: str, units: list[str]) -> dict[str, Any]:
         """Reconstruct ``scan_id`` with the methods of ``units``: ``{unit: commit info or exception}``."""
         acq = Acquisition.from_archive(archive, scan_id)
@@ -222,6 +238,7 @@ class Reconstructor:
         h, w = acq.image_shape
         results: dict[str, Any] = {}
         active = {}
+        std_writers: dict[str, Any] = {}
         for method in (m for m in self.methods if f"recon/{m.key}" in units):
             unit = f"recon/{method.key}"
             if method.model_uri is None and acq.modality not in METHODS[method.key].modalities:
@@ -238,6 +255,11 @@ class Reconstructor:
                 "time": time.time(),
             }
             writer = archive.create_array(scan_id, unit, (depth, h, w), np.float32, slab=slab, attrs=lineage)
+            if "uncertainty" in method.identity:
+                std_attrs = lineage | {"what": "MC-dropout standard deviation of the magnitude"}
+                std_writers[unit] = archive.create_array(
+                    scan_id, unit + STD_SUFFIX, (depth, h, w), np.float32, slab=slab, attrs=std_attrs
+                )
             active[unit] = (method, writer, SolverLog())
         for z0 in range(0, depth, slab):
             if not active:
@@ -251,6 +273,8 @@ class Reconstructor:
                     out = self._slab(method, y, op, slices)
                     log.add(time.perf_counter() - t0, out, y, op)
                     writer.write(z0, out.image)
+                    if unit in std_writers:
+                        std_writers[unit].write(z0, self._std(method, y, slices, z0))
                 except Exception as exc:  # this method fails on this scan; the others go on
                     results[unit] = exc
                     del active[unit]
@@ -260,7 +284,10 @@ class Reconstructor:
                 lam = method.identity["options"].get("lam")
                 solver["lam"] = METHODS[method.key].lam if lam is None else lam
             writer.attrs.update({"solver": solver})
-            results[unit] = {"arrays": {unit: writer.record()}, "solver": solver, "method": method.ref.text}
+            arrays = {unit: writer.record()}
+            if unit in std_writers:
+                arrays[unit + STD_SUFFIX] = std_writers[unit].record()
+            results[unit] = {"arrays": arrays, "solver": solver, "method": method.ref.text}
         return results
 
     def process(self, scan_id: str) -> ScanOutcome:
@@ -289,7 +316,7 @@ def run(ctx: StageContext, stage: ReconStage, fingerprint: str) -> StageResult:
         for name, out in ctx.upstream.items()
         if isinstance(out, dict) and "model_uri" in out
     }
-    methods = resolve_methods(stage.refs(), stage.options, ctx.tracking_uri, trained)
+    methods = resolve_methods(stage.refs(), stage.options, ctx.tracking_uri, trained, stage.uncertainty)
     methods, tunings = tune_methods(ctx, methods, stage.tune_slices)
     code = recon_code_version()
     measured = ctx.archive.committed(MEASUREMENTS)  # scans whose simulation failed have nothing to read

@@ -64,6 +64,7 @@ __all__ = [
     "TrainStage",
     "SolverOptions",
     "ReconStage",
+    "UncertaintySpec",
     "StabilitySpec",
     "EvaluateStage",
     "GateStage",
@@ -477,6 +478,13 @@ class TrainStage(StageSpec):
     alias: str | None = Field(
         default=None, description="MLflow alias set on the registered version, e.g. challenger"
     )
+    dropout: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="train with channel dropout on the convolutions' outputs (MC dropout; the recon "
+        "stage's uncertainty samples it); null: none",
+    )
 
     @field_validator("model")
     @classmethod
@@ -547,6 +555,20 @@ class SolverOptions(Spec):
         return list(self.lam) if isinstance(self.lam, list) else None
 
 
+class UncertaintySpec(Spec):
+    """Per-voxel uncertainty of learned methods by MC dropout (:mod:`models.uncertainty`).
+
+    Every learned method of the stage also runs ``samples`` times with channel dropout at rate
+    ``dropout`` on its convolutions' outputs, and writes the standard deviation of the magnitudes
+    as ``recon/<key>.std`` beside its (deterministic) reconstruction. Evaluate then reports how well
+    it predicts the error (Pearson r per scan) with a figure. Best with a model trained under the
+    same dropout (train stage ``dropout``).
+    """
+
+    samples: int = Field(default=8, ge=2, description="dropout samples per slice")
+    dropout: float = Field(default=0.1, gt=0, lt=1, description="channel dropout rate")
+
+
 class ReconStage(StageSpec):
     """Reconstruct a split with Ray Data; each method writes ``recon/<key>`` (:mod:`pipelines.methods`)."""
 
@@ -571,6 +593,9 @@ class ReconStage(StageSpec):
     options: dict[str, SolverOptions] = Field(
         default_factory=dict,
         description="per classical method, e.g. {cs_tv: {lam: 0.02, max_iter: 200}}",
+    )
+    uncertainty: UncertaintySpec | None = Field(
+        default=None, description="MC-dropout std maps of the learned methods, recon/<key>.std"
     )
 
     @field_validator("methods")

@@ -9,6 +9,7 @@ Layout under the archive root (a local directory or an fsspec URI), layout versi
     scans/<scan_id>/sinogram           float32 (D, views, detectors)
     scans/<scan_id>/mask, coil_maps    the acquisition's (H, W) mask and (C, H, W) maps
     scans/<scan_id>/recon/<key>        float32 (D, H, W), one per method (and model version)
+    scans/<scan_id>/recon/<key>.std    float32 (D, H, W), its MC-dropout std (optional, same unit)
     scans/<scan_id>/seg/<stage>.<input>  uint8 (D, H, W), a segment stage's classes of one input
     catalog.parquet                    one row per scan (see CATALOG_SCHEMA)
     _meta/commits/<unit>/<scan_id>.json     per-scan commit records
@@ -87,6 +88,7 @@ _LAYOUTS = {
 }
 
 SOURCE = "source"
+STD_SUFFIX = ".std"  # recon/<key>.std: a learned method's per-voxel standard deviation, in its unit
 MEASUREMENTS = "measurements"
 _UNIT_OF = {
     "image": SOURCE,
@@ -138,6 +140,8 @@ def validate_scan_id(scan_id: str) -> str:
 def unit_of(name: str) -> str:
     """The commit unit that owns array ``name``: ``source``, ``measurements``, ``recon/<key>`` or
     ``derived/<name>`` (an image a preprocess stage derived from ``image``)."""
+    if name.startswith("recon/") and name.endswith(STD_SUFFIX):  # a learned method's uncertainty
+        return name.removesuffix(STD_SUFFIX)
     if name.startswith(("recon/", "derived/")):
         return name
     if name.startswith("seg/"):  # seg/<segment stage>.<input>: the segment stage's unit

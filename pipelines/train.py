@@ -372,6 +372,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         losses, step_times = [], []
         step, t_step = 0, time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
+        dropout = contextlib.ExitStack()
+        if stage.dropout is not None:  # MC dropout while training; validation runs without it
+            from models.uncertainty import mc_dropout
+
+            dropout.enter_context(mc_dropout(model, stage.dropout, seed=int(rng.integers(2**62))))
+        # (an exception ends the worker, and the model with its hooks; so no try/finally)
         for k, (y, op, target) in enumerate(prefetch(epoch_batches(mine, rng))):
             last = (k + 1) % stage.accumulate == 0 or k + 1 == batches_per_epoch
             if device.type != "cpu":
@@ -412,6 +418,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0 and progress is not None and (now - last_put > 0.5 or step == steps_per_epoch):
                 progress.put_nowait((epoch * steps_per_epoch + step) / total_steps)
                 last_put = now
+        dropout.close()
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {
             "epoch": epoch,

@@ -183,3 +183,35 @@ def test_segment_and_classify_after_reconstruction_end_to_end(ray_session, tmp_p
     # the same spec again: every stage is skipped
     again = run_pipeline(spec, Console(quiet=True))
     assert {r.status for r in again.stages} == {"skipped"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_model_trained_with_dropout_writes_a_std_map_that_evaluate_calibrates(ray_session, tmp_path):
+    from pipelines.runner import run_pipeline
+
+    spec = _pipeline(
+        tmp_path,
+        [
+            {"kind": "phantoms", "phantom": "brain", "n_scans": 4, "shape": [8, 32, 32],
+             "split": {"train": 2, "val": 1, "test": 1}},
+            {"kind": "simulate", "mask": {"acceleration": 4}},
+            {"kind": "train", "model": {"name": "unrolled_gd", "kwargs": {"n_iter": 2, "features": 8}},
+             "workers": 1, "epochs": 2, "batch_size": 4, "dropout": 0.1},
+            {"kind": "recon", "methods": ["zero_filled", "learned:train"], "actors": 1,
+             "uncertainty": {"samples": 3, "dropout": 0.1}},
+            {"kind": "evaluate"},
+        ],
+    )  # fmt: skip
+    result = run_pipeline(spec, Console(quiet=True))
+    archive = Archive(str(tmp_path / "archive"))
+    scan = archive.scans("test")[0]
+    std = archive.read_array(scan, "recon/a-train.v1.std")  # checked against its commit like any array
+    assert std.shape == (8, 32, 32) and std.min() >= 0 and std.max() > 0
+    assert not archive.has_array(scan, "recon/zero_filled.std")  # classical methods have none
+    means = result.metrics
+    assert -1 <= means["a-train.v1"]["std_error_r"] <= 1 and "std_error_r" not in means["zero_filled"]
+    client = MlflowClient(result.tracking_uri)
+    paths = [f.path for f in client.list_artifacts(result.run_id, "evaluation/evaluate")]
+    assert any(p.endswith("_a-train.v1_uncertainty.png") for p in paths), paths
