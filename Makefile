@@ -10,7 +10,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TMPDIR := $(CURDIR)/.tmp
 export RAY_TMPDIR := $(CURDIR)/.tmp
 
-.PHONY: install quickstart test bench bench-learned lint clean
+.PHONY: install quickstart test bench bench-learned bench-analysis lint clean
 
 install: $(STAMP)
 
@@ -49,6 +49,21 @@ bench-learned: install
 	$(BIN)/python benchmarks/learned_3d.py
 	$(BIN)/medrecon run pipelines/specs/recon_benchmark.yaml
 	$(BIN)/medrecon run pipelines/specs/recon_benchmark_ct.yaml
+
+# Analysis: segmentation, classification, reconstruction's effect on them, priors, uncertainty.
+bench-analysis: install
+	@mkdir -p .tmp benchmarks/results
+	$(BIN)/medrecon run pipelines/specs/segment.yaml
+	$(BIN)/medrecon run pipelines/specs/lesion_classify.yaml
+	$(BIN)/medrecon run pipelines/specs/segment_after_recon.yaml
+	$(BIN)/medrecon run pipelines/specs/segment_after_recon_8x.yaml
+	$(BIN)/medrecon run pipelines/specs/lesion_kspace.yaml
+	$(BIN)/medrecon run pipelines/specs/lesion_kspace.yaml --set stages.1.mask.acceleration=8 \
+	  --set archive.path=runs/lesion_kspace_8x/archive --set tracking.uri=sqlite:///runs/lesion_kspace_8x/mlflow.db
+	$(BIN)/python benchmarks/augmentation.py
+	$(BIN)/python benchmarks/gan_prior.py
+	$(BIN)/python benchmarks/srcnn.py
+	$(BIN)/python benchmarks/uncertainty.py
 
 lint: install
 	$(BIN)/ruff check operators models pipelines tests benchmarks

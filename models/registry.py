@@ -25,7 +25,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models import analysis
+from models import analysis, gan, srcnn
 from models.modl import MoDL, MoDLConfig
 from models.neumann import NeumannConfig, NeumannNet
 from models.post import UNetPost, UNetPostConfig
@@ -33,6 +33,7 @@ from models.unrolled import GDNetConfig, GradientDescentNet
 from models.varnet import VarNet, VarNetConfig
 
 __all__ = [
+    "GENERATIVE_MODELS",
     "MODELS",
     "ANALYSIS_MODELS",
     "SEGMENTATION_MODELS",
@@ -82,12 +83,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet3d": analysis.build_densenet,
     "resnet3d": analysis.build_resnet,
     "unet_classifier": analysis.UNetClassifier,
+    # a generative image prior: z (B, latent) -> image (B, S, S) (models.gan; recon method gan_prior:<stage>)
+    "dcgan": lambda **kw: gan.DCGANGenerator(gan.DCGANConfig(**kw)),
+    # super-resolution: model(y, op) with y a low-resolution image and op an operators.resolution.Downsample
+    "srcnn": lambda **kw: srcnn.SRCNN(srcnn.SRCNNConfig(**kw)),
 }
 
 #: Registry names of the analysis networks (they take volumes, not ``(y, op)``).
-ANALYSIS_MODELS = frozenset({"unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier"})
+ANALYSIS_MODELS = frozenset(
+    {"unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier", "dcgan"}
+)
 #: Of those, the ones that segment (per-voxel class logits); the others classify (one logit per volume).
 SEGMENTATION_MODELS = frozenset({"unet3d", "unet2d", "vnet"})
+#: Of those, the generative ones (task generate).
+GENERATIVE_MODELS = frozenset({"dcgan"})
 
 #: Registry name -> the module that defines the network (its code is what training depends on).
 _MODULES: dict[str, str] = {
@@ -100,6 +109,8 @@ _MODULES: dict[str, str] = {
         name: analysis.__name__
         for name in ("unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier")
     },
+    "dcgan": gan.__name__,
+    "srcnn": srcnn.__name__,
 }
 
 SPEC_FILE = "model.json"

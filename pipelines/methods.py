@@ -5,6 +5,10 @@ A method is written as one of:
 * a classical name from :data:`operators.recon.METHODS` (``zero_filled``, ``fbp``, ``cg_sense``,
   ``cs_wavelet``, ``cs_tv``);
 * ``learned:<train stage name>``: the model a train stage of the same pipeline registered;
+* ``gan_prior:<train_task stage name>`` (``gan_prior+dc:`` with a final data-consistency step):
+  a search over the latent space of the DCGAN generator a ``task: generate`` stage trained,
+  ``min_z ‖A G(z) − y‖²`` (:func:`models.gan.gan_prior_reconstruct`); its key is
+  ``gan_prior.<model key>`` (``gan_prior_dc.<model key>``);
 * a model URI: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/PATH``.
 
 Each method writes its own array ``recon/<key>`` and has its own fingerprint. A classical method's
@@ -34,6 +38,8 @@ _MODEL_URI = re.compile(
 _RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{8,64})/(?P<path>[A-Za-z0-9._/-]+)$")
 _STAGE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LEARNED_PREFIX = "learned:"
+GAN_PRIOR_PREFIX = "gan_prior:"
+GAN_PRIOR_DC_PREFIX = "gan_prior+dc:"
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,13 @@ class MethodRef:
     classical name, the train stage name, or the model URI."""
 
     text: str
-    kind: Literal["classical", "learned", "model"]
+    kind: Literal["classical", "learned", "model", "gan_prior"]
     target: str
+
+    @property
+    def data_consistency(self) -> bool:
+        """A ``gan_prior+dc:`` method: the GAN prior followed by a data-consistency step."""
+        return self.text.startswith(GAN_PRIOR_DC_PREFIX)
 
 
 def parse_method(text: str) -> MethodRef:
@@ -57,12 +68,18 @@ def parse_method(text: str) -> MethodRef:
         if not _STAGE.match(stage):
             raise ValueError(f"{text!r}: expected learned:<train stage name>, e.g. learned:train")
         return MethodRef(text, "learned", stage)
+    for prefix in (GAN_PRIOR_PREFIX, GAN_PRIOR_DC_PREFIX):
+        if text.startswith(prefix):
+            stage = text[len(prefix) :]
+            if not _STAGE.match(stage):
+                raise ValueError(f"{text!r}: expected {prefix}<train_task stage name>, e.g. {prefix}gan")
+            return MethodRef(text, "gan_prior", stage)
     if _MODEL_URI.match(text) or _RUN_URI.match(text):
         return MethodRef(text, "model", text)
     raise ValueError(
         f"unknown method {text!r}; expected a classical method ({', '.join(METHODS)}), "
-        "learned:<train stage name>, or a model URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
-        "runs:/RUN_ID/model)"
+        "learned:<train stage name>, gan_prior:<train_task stage name> (or gan_prior+dc:), or a model URI "
+        "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model)"
     )
 
 

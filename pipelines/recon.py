@@ -17,6 +17,7 @@ missing. The class works without Ray on one in-memory batch, which is how it is 
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import asdict
 from typing import Any, NamedTuple
@@ -46,6 +47,20 @@ __all__ = [
     "recon_code_version",
     "run",
 ]
+
+
+#: The latent search of a ``gan_prior`` method (:func:`models.gan.gan_prior_reconstruct`).
+GAN_PRIOR_SETTINGS = {"steps": 300, "lr": 0.05, "restarts": 2, "z_penalty": 1e-3, "seed": 0}
+
+
+def method_module(name: str) -> Any:
+    """A module that only some methods run (the GAN prior's search, MC dropout), imported by name.
+
+    So it stays out of :func:`recon_code_version`, which every method's fingerprint carries; the
+    methods that run it carry its own code version in their identity instead, and editing it
+    re-runs only them.
+    """
+    return importlib.import_module(name)
 
 
 def recon_code_version() -> str:
@@ -152,13 +167,20 @@ def resolve_methods(
             out.append(ResolvedMethod(ref, ref.target, None, {"method": ref.target, "options": opts}))
             continue
         uri = ref.target
-        if ref.kind == "learned":
+        if ref.kind in ("learned", "gan_prior"):
             uri = (trained or {}).get(ref.target, "")
             if not uri:
                 raise StageError(f"method {ref.text!r}: train stage {ref.target!r} recorded no model")
         key, exact, identity = resolve_model_uri(uri, tracking_uri)
-        if uncertainty is not None:
-            identity = identity | {"uncertainty": uncertainty.model_dump()}
+        if ref.kind == "gan_prior":
+            key = f"gan_prior{'_dc' if ref.data_consistency else ''}.{key}"
+            settings = {**GAN_PRIOR_SETTINGS, "data_consistency": ref.data_consistency}
+            identity = identity | {"gan_prior": settings, "code": code_version("models.gan")}
+        elif uncertainty is not None:
+            identity = identity | {
+                "uncertainty": uncertainty.model_dump(),
+                "code": code_version("models.uncertainty"),
+            }
         out.append(ResolvedMethod(ref, key, exact, identity))
     keys = [m.key for m in out]
     if len(set(keys)) != len(keys):
@@ -212,14 +234,17 @@ class Reconstructor:
     ) -> SlabResult:
         """One method on one slab; ``op`` is the slab's operator, ``slices`` gives its sub-slabs'
         (a network runs a few slices at a time, each with their own operator)."""
+        if "gan_prior" in method.identity:
+            search = method_module("models.gan").gan_prior_reconstruct
+            x, _ = search(self.models[str(method.model_uri)], op, y, **method.identity["gan_prior"])
+            return SlabResult(x.detach())
         if method.model_uri is not None:
             return SlabResult(apply_slices(self.models[method.model_uri], y, slices, device=self.device))
         return classical_slab(method.identity["method"], y, op, method.identity["options"])
 
     def _std(self, method: ResolvedMethod, y: torch.Tensor, slices: SliceOperator, z0: int) -> np.ndarray:
         """The per-voxel std of the magnitude over MC-dropout samples of a model on one slab."""
-        from models.uncertainty import mc_dropout
-
+        mc_dropout = method_module("models.uncertainty").mc_dropout
         settings = method.identity["uncertainty"]
         model = self.models[str(method.model_uri)]
         samples = []

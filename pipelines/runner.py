@@ -159,7 +159,7 @@ def plan(spec: PipelineSpec, external_data: str = "") -> list[PlannedStage]:
         kind = STAGE_KINDS[stage.kind]
         upstream = [data]
         if stage.kind == "recon":
-            upstream += [fingerprints[r.target] for r in stage.refs() if r.kind == "learned"]
+            upstream += [fingerprints[r.target] for r in stage.refs() if r.kind in ("learned", "gan_prior")]
         elif stage.kind == "evaluate":
             upstream += [fingerprints[s.name] for s in spec.stages[: len(out)] if s.kind == "recon"]
         elif stage.kind in ("train_task", "segment", "classify"):

@@ -495,6 +495,12 @@ class TrainStage(StageSpec):
             raise ValueError(
                 f"model {v.name!r} analyses images and does not reconstruct; train it in a train_task stage"
             )
+        if v.name == "srcnn":
+            raise ValueError(
+                "model 'srcnn' super-resolves low-resolution images (operators.resolution.Downsample); "
+                "the pipelines simulate MRI and CT only, so it is trained and measured in "
+                "benchmarks/srcnn.py for now"
+            )
         return v
 
     @field_validator("amp", mode="before")
@@ -732,14 +738,16 @@ class TaskTrainStage(StageSpec):
 
     ``task: segment`` learns the label volume (``classes`` groups its values) with a Dice loss on
     random patches; ``task: classify`` learns a per-scan label: whether the scan's label volume
-    contains ``target`` (e.g. lesions). The input is the scan's ``image``, a reconstruction
+    contains ``target`` (e.g. lesions); ``task: generate`` trains a DCGAN on the training images'
+    axial slices (one worker, ``epochs * steps_per_epoch`` adversarial steps), whose generator is
+    the prior of the recon method ``gan_prior:<stage>``. The input is the scan's ``image``, a reconstruction
     (``recon/<key>``) or the ``measurements`` themselves (k-space as log-magnitude and phase
     channels, or the sinogram). Like the recon models, the model is saved as architecture JSON plus
     safetensors and registered as ``<pipeline>-<stage>``.
     """
 
     kind: Literal["train_task"]
-    task: Literal["segment", "classify"]
+    task: Literal["segment", "classify", "generate"]
     model: ModelSpec
     input: str = Field(default="image", pattern=_INPUT, description="image, measurements or recon/<key>")
     classes: dict[str, list[str | int]] | None = Field(
@@ -787,24 +795,32 @@ class TaskTrainStage(StageSpec):
 
     @property
     def loss_name(self) -> str:
-        return self.loss or ("dicece" if self.task == "segment" else "bce")
+        return self.loss or {"segment": "dicece", "classify": "bce", "generate": "gan"}[self.task]
 
     @model_validator(mode="after")
     def _task_fields(self) -> TaskTrainStage:
-        from models.registry import ANALYSIS_MODELS, SEGMENTATION_MODELS
+        from models.registry import ANALYSIS_MODELS, GENERATIVE_MODELS, SEGMENTATION_MODELS
 
         if self.model.name not in ANALYSIS_MODELS:
             raise ValueError(
                 f"model {self.model.name!r} is a reconstruction network (train it in a train stage); "
                 f"a train_task trains one of {sorted(ANALYSIS_MODELS)}"
             )
-        segments = self.model.name in SEGMENTATION_MODELS
-        if segments != (self.task == "segment"):
-            wanted = SEGMENTATION_MODELS if self.task == "segment" else ANALYSIS_MODELS - SEGMENTATION_MODELS
+        tasks = {"segment": SEGMENTATION_MODELS, "generate": GENERATIVE_MODELS}
+        tasks["classify"] = ANALYSIS_MODELS - SEGMENTATION_MODELS - GENERATIVE_MODELS
+        does = next(t for t, names in tasks.items() if self.model.name in names)
+        if does != self.task:
             raise ValueError(
-                f"model {self.model.name!r} {'segments' if segments else 'classifies'}; task {self.task!r} "
-                f"takes one of {sorted(wanted)}"
+                f"model {self.model.name!r} is for task {does}; task {self.task!r} takes one of "
+                f"{sorted(tasks[self.task])}"
             )
+        if self.task == "generate":
+            if self.loss is not None or self.workers != 1 or self.input != "image":
+                raise ValueError(
+                    "task generate trains on the images with its adversarial loss on one worker: "
+                    "remove loss and input, and set workers: 1"
+                )
+            return self
         if self.init_encoder and self.model.name != "unet_classifier":
             raise ValueError(
                 "init_encoder starts a unet_classifier from a unet3d's encoder; set model unet_classifier"
@@ -1013,6 +1029,12 @@ class PipelineSpec(Spec):
             elif stage.kind == "recon":
                 recon_before = True
                 for ref in stage.refs():
+                    if ref.kind == "gan_prior" and tasks.get(ref.target) != "generate":
+                        raise ValueError(
+                            f"recon stage {stage.name!r}: method {ref.text!r} names no train_task stage with "
+                            f"task generate before it; those before it: "
+                            f"{sorted(n for n, t in tasks.items() if t == 'generate') or 'none'}"
+                        )
                     if ref.kind == "learned" and ref.target not in earlier_train:
                         raise ValueError(
                             f"recon stage {stage.name!r}: method {ref.text!r} names no train stage before "

@@ -217,6 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     torch.set_num_threads(stage.threads)
+    if stage.task == "generate":
+        _train_generator(job, progress)
+        return
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -347,6 +350,72 @@ def task_facts(job: TaskJob) -> dict[str, Any]:
     }
 
 
+def _train_generator(job: TaskJob, progress: Any) -> None:
+    """``task: generate``: a DCGAN on the training images' axial slices, in one worker, one go.
+
+    Adversarial training has no validation score to keep the best of: the generator (its weight
+    average, see :func:`models.gan.train_dcgan`) after the last step is the one registered, with a
+    grid of its samples in MLflow. A restarted worker trains again from the start.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import ray.train
+
+    from models.gan import DCGANConfig, normalise_slices, train_dcgan
+    from pipelines.tracking import MlflowTracker
+
+    stage = job.stage
+    archive = Archive(job.archive_uri, job.storage_options)
+    slices = np.concatenate([archive.read_array(s, archive.reference_name(s)) for s in job.train_ids])
+    config = DCGANConfig(**job.model_kwargs)
+    if slices.shape[1:] != (config.image_size, config.image_size):
+        raise StageError(
+            f"train_task stage {stage.name!r}: the training slices are {slices.shape[1]}x{slices.shape[2]} "
+            f"and the dcgan's image_size is {config.image_size}; give square images of that size"
+        )
+    images, _ = normalise_slices(torch.from_numpy(slices))
+    total = stage.epochs * stage.steps_per_epoch
+    last = [0.0]
+
+    def on_step(step: int, entry: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if progress is not None and (now - last[0] > 0.5 or step + 1 == total):
+            progress.put_nowait((step + 1) / total)
+            last[0] = now
+
+    generator, _, history = train_dcgan(
+        images, config, steps=total, batch_size=stage.batch_size, lr=stage.lr, seed=job.seed, on_step=on_step
+    )
+    tracker = MlflowTracker(job.tracking_uri, job.run_id)
+    for epoch in range(stage.epochs):
+        part = slice(epoch * stage.steps_per_epoch, (epoch + 1) * stage.steps_per_epoch)
+        means = {k: float(np.mean(history[k][part])) for k in ("loss_d", "loss_g", "d_real", "d_fake")}
+        tracker.log_metrics({f"{stage.name}/{k}": v for k, v in means.items()}, step=epoch)
+    with torch.no_grad():
+        samples = generator(torch.randn(16, config.latent, generator=torch.Generator().manual_seed(job.seed)))
+    fig, axes = plt.subplots(4, 4, figsize=(8, 8), layout="constrained")
+    for ax, image in zip(axes.flat, samples.numpy(), strict=True):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1.2)
+        ax.axis("off")
+    fig.suptitle(f"{stage.name}: 16 samples of the generator after {total} steps")
+    tracker.log_figure(fig, f"train_task/{stage.name}/samples.png")
+    plt.close(fig)
+    state = {"epoch": stage.epochs - 1, "best": None, "best_epoch": None, "bad_epochs": 0}
+    metrics = {
+        "epoch": stage.epochs - 1,
+        "train_loss": float(np.mean(history["loss_g"][-stage.steps_per_epoch :])),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        save_model(generator, stage.model.name, job.model_kwargs, d)
+        with open(os.path.join(d, TASK_FILE), "w") as f:
+            json.dump(task_facts(job), f)
+        with open(os.path.join(d, "state.json"), "w") as f:
+            json.dump(state, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
 def _resolve_encoder(ctx: StageContext, stage: TaskTrainStage) -> str | None:
     if stage.init_encoder is None:
         return None
@@ -370,8 +439,12 @@ def run(ctx: StageContext, stage: TaskTrainStage, fingerprint: str) -> StageResu
         raise StageError(f"train_task stage {stage.name!r}: no training scans with committed images")
     first = train_ids[0]
     kwargs = dict(stage.model.kwargs)
+    if stage.task == "generate":  # the generator's image size defaults to the slices'
+        kwargs.setdefault(
+            "image_size", int(ctx.archive.open_array(first, ctx.archive.reference_name(first)).shape[-1])
+        )
     channels = input_channels(ctx.archive, first, stage.input)
-    if kwargs.setdefault("in_channels", channels) != channels:
+    if stage.task != "generate" and kwargs.setdefault("in_channels", channels) != channels:
         raise StageError(
             f"train_task stage {stage.name!r}: model in_channels is {kwargs['in_channels']} but input "
             f"{stage.input!r} has {channels} channel(s); remove in_channels or set it to {channels}"
@@ -402,11 +475,12 @@ def run(ctx: StageContext, stage: TaskTrainStage, fingerprint: str) -> StageResu
         lut=lut,
         encoder_uri=_resolve_encoder(ctx, stage),
     )
-    score = ("val_score", "max") if val_ids else ("train_loss", "min")
+    best = bool(val_ids) and stage.task != "generate"  # a GAN has no validation score
+    score = ("val_score", "max") if best else ("train_loss", "min")
     what = f"{stage.task} {stage.model.name}"
     model_uri, state, last = fit_and_register(
         ctx, stage, fingerprint, train_loop, job.model_dump(mode="json"), score,
-        f"train {stage.name} ({what}, {stage.epochs} epochs)", choose_best=bool(val_ids),
+        f"train {stage.name} ({what}, {stage.epochs} epochs)", choose_best=best,
     )  # fmt: skip
     chosen = {"best_epoch": state.get("best_epoch"), "best_val_score": state.get("best")}
     ctx.tracker.log_metrics({f"{stage.name}/{k}": v for k, v in chosen.items() if v is not None})

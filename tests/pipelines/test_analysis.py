@@ -215,3 +215,42 @@ def test_a_model_trained_with_dropout_writes_a_std_map_that_evaluate_calibrates(
     client = MlflowClient(result.tracking_uri)
     paths = [f.path for f in client.list_artifacts(result.run_id, "evaluation/evaluate")]
     assert any(p.endswith("_a-train.v1_uncertainty.png") for p in paths), paths
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_gan_prior_reconstructs_with_the_generator_a_generate_stage_trained(ray_session, tmp_path):
+    from pipelines.runner import run_pipeline
+
+    spec = _pipeline(
+        tmp_path,
+        [
+            {"kind": "phantoms", "phantom": "brain", "n_scans": 4, "shape": [8, 32, 32],
+             "split": {"train": 2, "val": 1, "test": 1}},
+            {"kind": "simulate", "mask": {"acceleration": 4}},
+            {"kind": "train_task", "name": "gan", "task": "generate",
+             "model": {"name": "dcgan", "kwargs": {"latent": 8, "features": 4}},
+             "epochs": 2, "steps_per_epoch": 5, "batch_size": 4},
+            {"kind": "recon", "methods": ["zero_filled", "gan_prior:gan", "gan_prior+dc:gan"], "actors": 1},
+            {"kind": "evaluate"},
+        ],
+    )  # fmt: skip
+    result = run_pipeline(spec, Console(quiet=True))
+    assert result.outputs["gan"]["model_uri"] == "models:/a-gan/1"
+    keys = result.outputs["recon"]["methods"]
+    assert keys == ["zero_filled", "gan_prior.a-gan.v1", "gan_prior_dc.a-gan.v1"]
+    archive = Archive(str(tmp_path / "archive"))
+    scan = archive.scans("test")[0]
+    for key in keys[1:]:
+        assert archive.read_array(scan, f"recon/{key}").shape == (8, 32, 32)
+        assert np.isfinite(result.metrics[key]["psnr"])
+    # data consistency puts the measured samples back: its data residual is far below the prior's
+    assert result.metrics["gan_prior_dc.a-gan.v1"]["dc_residual"] < 0.5 * result.metrics["gan_prior.a-gan.v1"]["dc_residual"]
+    client = MlflowClient(result.tracking_uri)
+    assert [f.path for f in client.list_artifacts(result.run_id, "train_task/gan")] == ["train_task/gan/samples.png"]
+
+
+def test_a_gan_prior_must_name_a_generate_stage(tmp_path):
+    with pytest.raises(ValidationError, match="'gan_prior:seg' names no train_task stage with task generate"):
+        _pipeline(tmp_path, [PHANTOMS, {"kind": "simulate"}, SEG, {"kind": "recon", "methods": ["gan_prior:seg"]}])

@@ -71,6 +71,7 @@ def test_a_train_stage_counts_its_own_model_and_recon_counts_none():
 
     assert {model_module(name) for name in MODELS} == {
         "models.unrolled", "models.neumann", "models.modl", "models.post", "models.varnet", "models.analysis",
+        "models.gan", "models.srcnn",
     }  # fmt: skip
     neumann = set(module_closure("pipelines.train", "models.neumann", leaves=fingerprint.MODEL_LEAVES))
     modl = set(module_closure("pipelines.train", "models.modl", leaves=fingerprint.MODEL_LEAVES))
