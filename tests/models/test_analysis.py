@@ -1,4 +1,4 @@
-"""Analysis networks (models.analysis): shapes, gradients, tiny training, transfer of the encoder, persistence."""
+"""Analysis networks (models.analysis): shapes, gradients, tiny training, encoder transfer, persistence."""
 
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ def test_gradients_reach_every_parameter(name):
     torch.manual_seed(0)
     out = net(torch.randn(2, 1, 32, 32, 32))
     (out.square().mean()).backward()
-    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [
+        n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
     assert not missing, missing[:5]
 
 
@@ -123,7 +125,9 @@ def test_freeze_trains_only_the_head_of_a_transferred_encoder():
     clf = UNetClassifier(channels=TINY, freeze=True)
     assert load_encoder(clf, segmenter.state_dict()) > 0
     state = segmenter.state_dict()
-    for prefix, layer in zip(clf.prefixes, clf.encoder, strict=True):  # the encoder holds the segmenter's weights
+    for prefix, layer in zip(
+        clf.prefixes, clf.encoder, strict=True
+    ):  # the encoder holds the segmenter's weights
         for k, v in layer.state_dict().items():
             assert torch.equal(state[f"{prefix}.{k}"], v), k
     before = {k: v.clone() for k, v in clf.state_dict().items()}

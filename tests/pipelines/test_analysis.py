@@ -1,4 +1,4 @@
-"""Analysis stages: specs, what they read (pipelines.volumes), scores, and one tiny pipeline end to end on Ray."""
+"""Analysis stages: specs, what they read (pipelines.volumes), scores, tiny pipelines end to end on Ray."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def _pipeline(root, stages: list[dict]) -> PipelineSpec:
 
 
 PHANTOMS = {"kind": "phantoms", "phantom": "brain", "n_scans": 8, "shape": [32, 32, 32],
-            "split": {"train": 4, "val": 1, "test": 3}, "lesions": {"prevalence": 0.5, "scale": 3}}  # fmt: skip
+            "split": {"train": 4, "val": 1, "test": 3},
+            "lesions": {"prevalence": 0.5, "scale": 3}}  # fmt: skip
 SEG = {"kind": "train_task", "name": "seg", "task": "segment",
        "model": {"name": "unet3d", "kwargs": {"channels": [4, 8, 16]}},
        "classes": {"tissue": ["grey_matter", "white_matter"], "lesions": ["lesions"]},
@@ -102,14 +103,16 @@ def test_classes_group_named_or_numbered_labels_and_the_rest_is_background():
 
 
 def test_inputs_are_scaled_images_or_kspace_magnitude_and_phase(tmp_path):
-    from tests.pipelines.helpers import phantom_archive, simulate
-
     from pipelines.spec import MaskSpec, SimulateStage
+    from tests.pipelines.helpers import phantom_archive, simulate
 
     archive = phantom_archive(tmp_path, n=1, shape=(4, 32, 32))
     image = read_input(archive, "s0", "image")
     assert image.shape == (1, 4, 32, 32) and abs(np.percentile(image, 99.5) - 1) < 1e-5
-    assert simulate(archive, "s0", SimulateStage(kind="simulate", mask=MaskSpec(acceleration=4))).status == "done"
+    assert (
+        simulate(archive, "s0", SimulateStage(kind="simulate", mask=MaskSpec(acceleration=4))).status
+        == "done"
+    )
     k = read_input(archive, "s0", "measurements")
     assert k.shape == (2, 4, 32, 32) and k.dtype == np.float32
     assert k[0].min() >= 0 and np.abs(k[1]).max() <= 1  # log-magnitude, phase / π
@@ -157,7 +160,8 @@ def test_segment_and_classify_after_reconstruction_end_to_end(ray_session, tmp_p
             SEG,
             CLF,
             {**CLF, "name": "kspace", "input": "measurements", "init_encoder": None, "freeze": False,
-             "model": {"name": "densenet3d", "kwargs": {"init_features": 4, "growth_rate": 4, "block_config": [1]}}},
+             "model": {"name": "densenet3d",
+                       "kwargs": {"init_features": 4, "growth_rate": 4, "block_config": [1]}}},
             {"kind": "segment", "model": "seg", "inputs": ["image", "recon/*"], "figures": 1},
             {"kind": "classify", "models": ["clf", "kspace"]},
         ],
@@ -246,11 +250,18 @@ def test_a_gan_prior_reconstructs_with_the_generator_a_generate_stage_trained(ra
         assert archive.read_array(scan, f"recon/{key}").shape == (8, 32, 32)
         assert np.isfinite(result.metrics[key]["psnr"])
     # data consistency puts the measured samples back: its data residual is far below the prior's
-    assert result.metrics["gan_prior_dc.a-gan.v1"]["dc_residual"] < 0.5 * result.metrics["gan_prior.a-gan.v1"]["dc_residual"]
+    assert (
+        result.metrics["gan_prior_dc.a-gan.v1"]["dc_residual"]
+        < 0.5 * result.metrics["gan_prior.a-gan.v1"]["dc_residual"]
+    )
     client = MlflowClient(result.tracking_uri)
-    assert [f.path for f in client.list_artifacts(result.run_id, "train_task/gan")] == ["train_task/gan/samples.png"]
+    assert [f.path for f in client.list_artifacts(result.run_id, "train_task/gan")] == [
+        "train_task/gan/samples.png"
+    ]
 
 
 def test_a_gan_prior_must_name_a_generate_stage(tmp_path):
     with pytest.raises(ValidationError, match="'gan_prior:seg' names no train_task stage with task generate"):
-        _pipeline(tmp_path, [PHANTOMS, {"kind": "simulate"}, SEG, {"kind": "recon", "methods": ["gan_prior:seg"]}])
+        _pipeline(
+            tmp_path, [PHANTOMS, {"kind": "simulate"}, SEG, {"kind": "recon", "methods": ["gan_prior:seg"]}]
+        )
