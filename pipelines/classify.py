@@ -69,14 +69,7 @@ def run(ctx: StageContext, stage: ClassifyStage, fingerprint: str) -> StageResul
     """Classify the split's scans with every model; log AUC, accuracy and the ROC figure."""
     from rich.table import Table
 
-    from pipelines.methods import resolve_model_uri
-
-    models = {
-        name: resolve_model_uri(name, ctx.tracking_uri)[1]
-        if name.startswith("models:/")
-        else ctx.upstream[name]["model_uri"]
-        for name in stage.models
-    }
+    models = {name: ctx.model_uri(name, f"classify stage {stage.name!r}") for name in stage.models}
     has = set(ctx.archive.committed(SOURCE))
     ids = [s for s in ctx.archive.scans(stage.split) if s in has and ctx.archive.has_array(s, "labels")]
     if not ids:

@@ -12,8 +12,6 @@ maps for one slice).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,8 +139,6 @@ def uncertainty_slice_figure(archive: Archive, scan_id: str, key: str, slice_ind
 
 def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResult:
     """Score the recon stages before this one; log means, a per-scan table and a figure."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     position = next(i for i, s in enumerate(ctx.spec.stages) if s.name == stage.name)
     recons = [ctx.upstream.get(s.name, {}) for s in ctx.spec.stages[:position] if s.kind == "recon"]
@@ -187,16 +183,8 @@ def run(ctx: StageContext, stage: EvaluateStage, fingerprint: str) -> StageResul
         for key, values in audit.items():
             means.setdefault(key, {}).update(values)
     ctx.tracker.log_metrics({f"{m}/{k}": v for m, d in means.items() for k, v in d.items()})
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [
-            {"scan_id": sid, "method": m, **values}
-            for sid, scores in per_scan.items()
-            for m, values in scores.items()
-        ]
-        if rows:
-            table_path = Path(tmp) / "per_scan_metrics.parquet"
-            pq.write_table(pa.Table.from_pylist(rows), table_path)
-            ctx.tracker.log_artifact(table_path, f"evaluation/{stage.name}")
+    rows = [{"scan_id": sid, "method": m, **v} for sid, scores in per_scan.items() for m, v in scores.items()]
+    ctx.tracker.log_table(rows, "per_scan_metrics.parquet", f"evaluation/{stage.name}")
     if per_scan:
         import matplotlib.pyplot as plt
 

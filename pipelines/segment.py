@@ -16,8 +16,6 @@ answers whether a better reconstruction makes a better segmentation. It logs the
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,14 +188,7 @@ def print_table(console: Any, title: str, summary: dict[str, dict[str, float]], 
 
 def run(ctx: StageContext, stage: SegmentStage, fingerprint: str) -> StageResult:
     """Segment the split's scans, score them, and log the table and figures."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    model_uri = stage.model if stage.model.startswith("models:/") else ctx.upstream[stage.model]["model_uri"]
-    if stage.model.startswith("models:/"):
-        from pipelines.methods import resolve_model_uri
-
-        model_uri = resolve_model_uri(model_uri, ctx.tracking_uri)[1]
+    model_uri = ctx.model_uri(stage.model, f"segment stage {stage.name!r}")
     position = next(i for i, s in enumerate(ctx.spec.stages) if s.name == stage.name)
     recon_keys = [
         k
@@ -247,24 +238,20 @@ def run(ctx: StageContext, stage: SegmentStage, fingerprint: str) -> StageResult
     ctx.tracker.log_metrics(
         {f"{stage.name}/{k}/{m}": v for k, d in summary.items() for m, v in d.items() if np.isfinite(v)}
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [
-            {
-                "scan_id": sid,
-                "input": key,
-                "class": name,
-                "dice": r["dice"][c],
-                "hd95": r["hd95"][c],
-                "psnr": r.get("psnr"),
-            }
-            for sid, scores in per_scan.items()
-            for key, r in scores.items()
-            for c, name in enumerate(names[1:])
-        ]
-        if rows:
-            path = Path(tmp) / "per_scan_segmentation.parquet"
-            pq.write_table(pa.Table.from_pylist(rows), path)
-            ctx.tracker.log_artifact(path, f"segment/{stage.name}")
+    rows = [
+        {
+            "scan_id": sid,
+            "input": key,
+            "class": name,
+            "dice": r["dice"][c],
+            "hd95": r["hd95"][c],
+            "psnr": r.get("psnr"),
+        }
+        for sid, scores in per_scan.items()
+        for key, r in scores.items()
+        for c, name in enumerate(names[1:])
+    ]
+    ctx.tracker.log_table(rows, "per_scan_segmentation.parquet", f"segment/{stage.name}")
     if per_scan and stage.figures:
         import matplotlib.pyplot as plt
 

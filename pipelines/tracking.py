@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
+    def log_table(self, rows: list[dict[str, Any]], name: str, artifact_path: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
@@ -91,6 +93,18 @@ class MlflowTracker:
 
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
+
+    def log_table(self, rows: list[dict[str, Any]], name: str, artifact_path: str) -> None:
+        """``rows`` (one dict per row) as the Parquet file ``artifact_path/name``; nothing when empty."""
+        if not rows:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            pq.write_table(pa.Table.from_pylist(rows), path)
+            self.log_artifact(path, artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

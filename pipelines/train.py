@@ -254,6 +254,21 @@ def _initial_weights(model: torch.nn.Module, job: TrainJob) -> None:
     model.load_state_dict(source.state_dict())
 
 
+def initial_state() -> dict[str, Any]:
+    """A training run's bookkeeping before its first epoch (saved in every checkpoint as ``state.json``)."""
+    return {"epoch": -1, "best": None, "best_epoch": None, "bad_epochs": 0}
+
+
+def track_best(state: dict[str, Any], epoch: int, score: float, patience: int | None) -> bool:
+    """Record ``epoch``'s validation ``score`` (higher is better) in ``state``; True when ``patience``
+    epochs in a row have not beaten the best (early stopping; never with ``patience`` None)."""
+    if state["best"] is None or score > state["best"]:
+        state |= {"best": score, "best_epoch": epoch, "bad_epochs": 0}
+    else:
+        state["bad_epochs"] += 1
+    return patience is not None and state["bad_epochs"] >= patience
+
+
 def _stop_together(stop: bool) -> bool:
     """Rank 0's early-stopping decision, shared with every rank (they must leave the loop together)."""
     import torch.distributed as dist
@@ -333,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedule = make_schedule(optimizer, stage.schedule, stage.lr, steps_per_epoch * stage.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast and stage.amp == "fp16")
     parts: dict[str, Any] = {"optimizer": optimizer, "schedule": schedule, "scaler": scaler}
-    state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": None, "bad_epochs": 0}
+    state = initial_state()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -435,11 +450,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             score = _validate(model, val_set, job.val_ids, device) if val_set is not None else None
             if score is not None:
                 metrics["val_psnr"] = score
-                if state["best"] is None or score > state["best"]:
-                    state |= {"best": score, "best_epoch": epoch, "bad_epochs": 0}
-                else:
-                    state["bad_epochs"] += 1
-                stop = stage.early_stopping is not None and state["bad_epochs"] >= stage.early_stopping
+                stop = track_best(state, epoch, score, stage.early_stopping)
         state["epoch"] = epoch
         stop = _stop_together(stop)
         if rank == 0:

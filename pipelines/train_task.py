@@ -40,7 +40,7 @@ from pipelines.errors import StageError
 from pipelines.scores import auc, dice_per_class, nanmean
 from pipelines.spec import Spec, TaskTrainStage, VolumeAugment
 from pipelines.store import SOURCE, Archive
-from pipelines.train import _load_checkpoint, _stop_together, fit_and_register
+from pipelines.train import _load_checkpoint, _stop_together, fit_and_register, initial_state, track_best
 from pipelines.volumes import class_map, input_channels, label_names, read_classes, read_input, scan_target
 
 __all__ = ["TaskJob", "VolumeAugmenter", "random_patch", "segment_volume", "train_loop", "run"]
@@ -246,7 +246,7 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(params, stage.optimizer, stage.lr, stage.weight_decay)
     schedule = make_schedule(optimizer, stage.schedule, stage.lr, stage.steps_per_epoch * stage.epochs)
     parts: dict[str, Any] = {"optimizer": optimizer, "schedule": schedule}
-    state: dict[str, Any] = {"epoch": -1, "best": None, "best_epoch": None, "bad_epochs": 0}
+    state = initial_state()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = _load_checkpoint(d, model, parts)
@@ -309,11 +309,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and val_set:
             score = _validate(model, job, val_set)
             metrics["val_score"] = score
-            if state["best"] is None or score > state["best"]:
-                state |= {"best": score, "best_epoch": epoch, "bad_epochs": 0}
-            else:
-                state["bad_epochs"] += 1
-            stop = stage.early_stopping is not None and state["bad_epochs"] >= stage.early_stopping
+            stop = track_best(state, epoch, score, stage.early_stopping)
         state["epoch"] = epoch
         stop = _stop_together(stop)
         if rank == 0:
@@ -402,7 +398,7 @@ def _train_generator(job: TaskJob, progress: Any) -> None:
     fig.suptitle(f"{stage.name}: 16 samples of the generator after {total} steps")
     tracker.log_figure(fig, f"train_task/{stage.name}/samples.png")
     plt.close(fig)
-    state = {"epoch": stage.epochs - 1, "best": None, "best_epoch": None, "bad_epochs": 0}
+    state = initial_state() | {"epoch": stage.epochs - 1}
     metrics = {
         "epoch": stage.epochs - 1,
         "train_loss": float(np.mean(history["loss_g"][-stage.steps_per_epoch :])),
@@ -419,15 +415,7 @@ def _train_generator(job: TaskJob, progress: Any) -> None:
 def _resolve_encoder(ctx: StageContext, stage: TaskTrainStage) -> str | None:
     if stage.init_encoder is None:
         return None
-    if stage.init_encoder.startswith("models:/"):
-        from pipelines.errors import TrackingError
-        from pipelines.methods import resolve_model_uri
-
-        try:
-            return resolve_model_uri(stage.init_encoder, ctx.tracking_uri)[1]
-        except TrackingError as exc:
-            raise StageError(f"train_task stage {stage.name!r}: {exc}") from None
-    return str(ctx.upstream[stage.init_encoder]["model_uri"])
+    return ctx.model_uri(stage.init_encoder, f"train_task stage {stage.name!r}")
 
 
 def run(ctx: StageContext, stage: TaskTrainStage, fingerprint: str) -> StageResult:

@@ -22,14 +22,6 @@ CLASSIFIERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", list(SEGMENTERS))
 def test_a_segmenter_gives_class_logits_per_voxel(name):
     net = build_model(name, SEGMENTERS[name])

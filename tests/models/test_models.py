@@ -34,15 +34,6 @@ NAMES = list(TINY)
 SINGLE_OPERATOR_MODELS = ["neumann", "modl", "unet_post"]  # every operator; varnet takes SENSE only
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny FFTs and convolutions: thread hand-offs cost more than the work on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _line_mask(shape: tuple[int, ...], seed: int, acceleration: float = 2.0) -> torch.Tensor:
     """Random phase-encode lines along the last dimension with a fully sampled centre (ACS)."""
     return make_mask("random_1d", shape, acceleration, 0.25, seed)

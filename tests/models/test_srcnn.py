@@ -18,15 +18,6 @@ from operators.resolution import Downsample, bicubic_upsample
 TINY = {"features": (8, 4), "kernel_sizes": (5, 3, 3)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: thread hand-offs cost more than the work on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturbed(config: SRCNNConfig, seed: int = 0) -> SRCNN:
     """A network whose last layer is not zero (as after some training)."""
     net = SRCNN(config)

@@ -36,14 +36,6 @@ TINY: dict[str, dict] = {
 CASES = [(name, kind) for name in TINY for kind in ("mri", "ct")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _operator(kind: str, shape: tuple[int, int] = (16, 16)) -> LinearOperator:
     if kind == "mri":
         return CartesianMRI(make_mask("random_1d", shape, 2.0, 0.25, 0))
