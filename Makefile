@@ -63,6 +63,7 @@ bench-analysis: install
 	$(BIN)/python benchmarks/augmentation.py
 	$(BIN)/python benchmarks/gan_prior.py
 	$(BIN)/python benchmarks/srcnn.py
+	$(BIN)/medrecon run pipelines/specs/superres.yaml
 	$(BIN)/python benchmarks/uncertainty.py
 
 lint: install

@@ -35,6 +35,7 @@ from models.varnet import VarNet, VarNetConfig
 __all__ = [
     "GENERATIVE_MODELS",
     "MODELS",
+    "RECON_MODALITIES",
     "ANALYSIS_MODELS",
     "SEGMENTATION_MODELS",
     "build_model",
@@ -97,6 +98,12 @@ ANALYSIS_MODELS = frozenset(
 SEGMENTATION_MODELS = frozenset({"unet3d", "unet2d", "vnet"})
 #: Of those, the generative ones (task generate).
 GENERATIVE_MODELS = frozenset({"dcgan"})
+
+#: The modalities a reconstruction network applies to, where it does not take every operator (the
+#: others reach the physics only through ``op.adjoint``, ``op.normal`` and ``op.pseudo_inverse``):
+#: SRCNN up-samples low-resolution images (an ``operators.resolution.Downsample``), VarNet needs
+#: Cartesian k-space.
+RECON_MODALITIES: dict[str, tuple[str, ...]] = {"srcnn": ("lowres",), "varnet": ("mri",)}
 
 #: Registry name -> the module that defines the network (its code is what training depends on).
 _MODULES: dict[str, str] = {

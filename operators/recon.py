@@ -1,10 +1,11 @@
 """Classical reconstructions selected by name: ``reconstruct("cs_tv", y, op)``.
 
 Pipeline specs name methods; :data:`METHODS` is the registry of those names, and each entry
-records its defaults. Every method takes measurements ``y`` ``(*batch, *op.out_shape)`` and a
-:class:`~operators.linear.LinearOperator` ``op`` and returns images ``(*batch, *op.in_shape)``,
-complex for MRI operators and real for CT. Batch items are reconstructed independently (each
-with its own regularisation weight), in one vectorised solve.
+records its defaults and the modalities it serves. Every method takes measurements ``y``
+``(*batch, *op.out_shape)`` and a :class:`~operators.linear.LinearOperator` ``op`` and returns
+images ``(*batch, *op.in_shape)``, complex for MRI operators and real for CT and low-resolution
+images. Batch items are reconstructed independently (each with its own regularisation weight),
+in one vectorised solve.
 
 Methods (``A = op``; ``λ`` from the relative weight ``lam``, see below):
 
@@ -14,6 +15,11 @@ name           problem                                                     solve
 zero_filled    ``A⁺ y``: ``op.pseudo_inverse`` (zero-filled MRI, FBP CT),  direct
                else ``Aᴴ y``
 fbp            filtered back-projection (CT operators only)                direct
+nearest        ``A⁺ y`` of a ``Downsample``: each low-res pixel             direct
+               replicated over its ``f x f`` block (low resolution only)
+bicubic        bicubic up-sampling of the low-res image                    direct
+               (:func:`~operators.resolution.bicubic_upsample`; low
+               resolution only)
 cg_sense       ``min ‖A x - y‖² + λ ‖x‖²``, i.e. ``(AᴴA + λI) x = Aᴴ y``    conjugate gradient
 cs_wavelet     ``min ½‖A x - y‖² + λ ‖W x‖₁`` (W: orthonormal wavelets,     FISTA
                cycle-spun; the coarsest approximation band unpenalised)
@@ -30,6 +36,9 @@ The defaults were chosen on piecewise-constant 64² phantoms (single-coil and 8-
 with a ``random_1d`` mask, parallel-beam CT with 30 views), noise-free and with 5% noise: each
 is within a few dB of that problem's best weight in every case. Noise-free data favour smaller
 weights (CT about 10x smaller for ``cs_tv`` and ``cs_wavelet``); noisier data larger ones.
+The iterative methods also serve low-resolution images (``Downsample``) with the same defaults,
+untuned there: on noise-free 2x brain slices ``cs_tv`` comes close to ``bicubic`` (25.1 against
+25.5 dB), ``cg_sense`` and ``cs_wavelet`` close to ``nearest`` (23.1-23.2 against 23.1 dB).
 
 ``cs_wavelet`` defaults to Haar wavelets, cycle-spun over ``2 x 2`` shifts
 (:class:`~operators.regularizers.WaveletL1` with ``shifts=2``): on piecewise-constant images
@@ -132,7 +141,8 @@ class Method:
         name: the name specs use.
         summary: one line on what it solves.
         run: ``run(y, op, options)``: an image (direct methods) or a :class:`SolveResult`.
-        modalities: the measurements it serves: ``"mri"`` (Cartesian k-space), ``"ct"`` (sinograms).
+        modalities: the measurements it serves: ``"mri"`` (Cartesian k-space), ``"ct"`` (sinograms),
+            ``"lowres"`` (low-resolution images).
         lam: default relative weight (``None``: the method has none).
         max_iter, tol: default iteration cap and tolerance (``0`` and ``0.0`` for direct methods).
     """
@@ -140,7 +150,7 @@ class Method:
     name: str
     summary: str
     run: Runner
-    modalities: tuple[str, ...] = ("mri", "ct")
+    modalities: tuple[str, ...] = ("mri", "ct", "lowres")
     lam: float | None = None
     max_iter: int = 0
     tol: float = 0.0
@@ -163,6 +173,27 @@ def _fbp(y: Tensor, op: LinearOperator, o: _Options) -> Tensor:
             "For MRI use 'zero_filled', or an iterative method"
         )
     return fbp(y, op, o.fbp_filter)  # type: ignore[arg-type]
+
+
+def _downsample(op: LinearOperator, method: str) -> Any:
+    from operators.resolution import Downsample
+
+    if not isinstance(op, Downsample):
+        raise ParameterError(
+            f"method {method!r} needs a low-resolution operator (operators.resolution.Downsample); found "
+            f"{type(op).__name__}. For MRI use 'zero_filled', for CT 'fbp', or an iterative method"
+        )
+    return op
+
+
+def _nearest(y: Tensor, op: LinearOperator, o: _Options) -> Tensor:
+    return _downsample(op, "nearest").pseudo_inverse(y)
+
+
+def _bicubic(y: Tensor, op: LinearOperator, o: _Options) -> Tensor:
+    from operators.resolution import bicubic_upsample
+
+    return bicubic_upsample(y, _downsample(op, "bicubic").factor)
 
 
 def _max_abs_per_item(x: Tensor, event_ndim: int) -> Tensor:
@@ -305,6 +336,8 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             # On CT, zero_filled would be FBP with a ramp filter: 'fbp' names that, with its filter.
             Method("zero_filled", "zero-filled inverse FFT (MRI)", _zero_filled, ("mri",)),
             Method("fbp", "filtered back-projection (CT)", _fbp, ("ct",)),
+            Method("nearest", "nearest-neighbour up-sampling, A⁺y (low resolution)", _nearest, ("lowres",)),
+            Method("bicubic", "bicubic up-sampling (low resolution)", _bicubic, ("lowres",)),
             Method(
                 "cg_sense",
                 "(AᴴA + λI) x = Aᴴy by conjugate gradient",

@@ -214,7 +214,8 @@ def reprocess(
         typer.Option(
             "--method",
             "-m",
-            help="A classical method (zero_filled, fbp, cg_sense, cs_wavelet, cs_tv) or a model URI "
+            help="A classical method (zero_filled, fbp, nearest, bicubic, cg_sense, cs_wavelet, cs_tv; "
+            "operators.recon.METHODS) or a model URI "
             "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH). Repeatable.",
         ),
     ],

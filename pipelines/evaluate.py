@@ -108,6 +108,10 @@ def comparison_figure(
         axes[1, 0].set_title(f"sinogram ({sinogram.shape[0]} views)")
         axes[1, 0].set_xlabel("detector")
         axes[1, 0].set_ylabel("view")
+    elif archive.has_array(scan_id, "lowres"):
+        lowres = archive.read_array(scan_id, "lowres", d, d + 1)[0]  # (H/f, W/f)
+        axes[1, 0].imshow(lowres, cmap="gray", vmin=0, vmax=vmax)
+        axes[1, 0].set_title(f"low-res input ({lowres.shape[0]}x{lowres.shape[1]})")
     else:
         axes[1, 0].axis("off")
     err_max = 0.25 * vmax

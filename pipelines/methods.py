@@ -2,8 +2,8 @@
 
 A method is written as one of:
 
-* a classical name from :data:`operators.recon.METHODS` (``zero_filled``, ``fbp``, ``cg_sense``,
-  ``cs_wavelet``, ``cs_tv``);
+* a classical name from :data:`operators.recon.METHODS` (``zero_filled``, ``fbp``, ``nearest``,
+  ``bicubic``, ``cg_sense``, ``cs_wavelet``, ``cs_tv``), each for the modalities it serves;
 * ``learned:<train stage name>``: the model a train stage of the same pipeline registered;
 * ``gan_prior:<train_task stage name>`` (``gan_prior+dc:`` with a final data-consistency step):
   a search over the latent space of the DCGAN generator a ``task: generate`` stage trained,

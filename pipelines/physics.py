@@ -13,9 +13,12 @@ Stored layouts (archive layout version 2, :data:`pipelines.store.LAYOUT_VERSION`
   ``(D, C, H, n)`` with attributes ``layout: columns`` and ``columns``, as a scanner records
   them (4x less to write and read at 4x); :meth:`Acquisition.read` zero-fills the rest.
 * sinogram: float32 ``(D, views, detectors)``.
+* lowres: float32 ``(D, H/f, W/f)``, each voxel the mean of an ``f x f`` block of the image
+  (attributes ``factor`` and ``image_shape``, the high-resolution ``(H, W)``).
 
 All operators act per 2D slice: ``CartesianMRI`` ``(S, H, W) -> (S, H, W)``, SENSE
-``(S, H, W) -> (S, C, H, W)``, CT ``(S, H, W) -> (S, views, detectors)``.
+``(S, H, W) -> (S, C, H, W)``, CT ``(S, H, W) -> (S, views, detectors)``, ``Downsample``
+``(S, H, W) -> (S, H/f, W/f)``.
 
 Coil maps are one set per scan ``(C, H, W)`` (simulated: the same coils for every slice), or one
 per slice ``(D, C, H, W)`` (measured k-space, maps estimated from each slice's calibration lines):
@@ -33,15 +36,24 @@ import numpy as np
 import torch
 
 from operators.ct import FanBeam, ParallelBeam, sparse_view_angles
+from operators.errors import ShapeError
 from operators.linear import LinearOperator
+from operators.resolution import Downsample
 from pipelines.errors import ArchiveError, StageError
 from pipelines.spec import CTSpec, SimulateStage
 from pipelines.store import MEASUREMENTS, Archive
 
-__all__ = ["Acquisition", "ct_operator", "mri_operator", "sampled_columns", "MEASUREMENT_ARRAYS"]
+__all__ = [
+    "Acquisition",
+    "ct_operator",
+    "mri_operator",
+    "lowres_operator",
+    "sampled_columns",
+    "MEASUREMENT_ARRAYS",
+]
 
 #: The array that holds each modality's measurements.
-MEASUREMENT_ARRAYS = {"mri": "kspace", "ct": "sinogram"}
+MEASUREMENT_ARRAYS = {"mri": "kspace", "ct": "sinogram", "lowres": "lowres"}
 
 
 def ct_operator(ct: CTSpec, image_shape: tuple[int, int]) -> ParallelBeam | FanBeam:
@@ -69,6 +81,23 @@ def mri_operator(mask: torch.Tensor, coil_maps: torch.Tensor | None = None) -> L
 
     m = mask.to(torch.float32)
     return CartesianMRI(m) if coil_maps is None else sense(m, coil_maps)
+
+
+def lowres_operator(image_shape: tuple[int, int], factor: int, where: str = "lowres.factor") -> Downsample:
+    """Area down-sampling of ``(H, W)`` slices by ``factor``; ``where`` names the setting in errors.
+
+    Raises:
+        StageError: ``factor`` does not divide ``H`` and ``W``.
+    """
+    try:
+        return Downsample(image_shape, factor)
+    except ShapeError:
+        h, w = image_shape
+        raise StageError(
+            f"{where} must divide the slices' H and W; found factor {factor} for (H, W) = ({h}, {w}) "
+            f"(remainders {h % factor} and {w % factor}). Crop or pad the images to multiples of {factor} "
+            "(a preprocess stage's shape), or use another factor"
+        ) from None
 
 
 def sampled_columns(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
@@ -99,7 +128,7 @@ class Acquisition:
     """How one scan was measured.
 
     Attributes:
-        modality: ``"mri"`` or ``"ct"``.
+        modality: ``"mri"``, ``"ct"`` or ``"lowres"``.
         op: the per-slice operator.
         image_shape: ``(H, W)`` of a slice.
         coils: receive coils (1 for single-coil MRI and for CT).
@@ -108,7 +137,8 @@ class Acquisition:
         columns: the stored k-space columns of a 1D Cartesian mask, else None (full k-space).
         ct: the CT settings (CT), else None.
         records: what the measurements' commit recorded of each array (read once; reads check it).
-        noise_sigma: the complex noise standard deviation the measurements were simulated with (MRI).
+        noise_sigma: the noise standard deviation the measurements were simulated with: complex
+            (MRI), real (low resolution).
         slice_maps: for maps stored per slice ``(D, C, H, W)``, a reader of slices ``z0:z1`` of them
             (they are read a slab at a time, never whole), else None.
     """
@@ -132,6 +162,9 @@ class Acquisition:
         h, w = image_shape
         if stage.modality == "ct":
             return cls("ct", ct_operator(stage.ct_spec, (h, w)), (h, w), ct=stage.ct_spec)
+        if stage.modality == "lowres":
+            where = f"simulate stage {stage.name!r}: lowres.factor"
+            return cls("lowres", lowres_operator((h, w), stage.lowres_spec.factor, where), (h, w))
         from operators.masks import make_mask
         from operators.mri import birdcage_maps
 
@@ -160,21 +193,41 @@ class Acquisition:
         Raises:
             ArchiveError: the scan has no measurements, or their attributes are inconsistent.
         """
-        found = [(m, n) for m, n in MEASUREMENT_ARRAYS.items() if archive.has_array(scan_id, n)]
+        commit = archive.commit_record(MEASUREMENTS, scan_id) or {}
+        records = commit.get("arrays", {})
+        # The committed measurement array, when there is a record (an archive re-simulated with another
+        # modality may still hold the old array beside it); else whichever exists.
+        found = [(m, n) for m, n in MEASUREMENT_ARRAYS.items() if n in records] or [
+            (m, n) for m, n in MEASUREMENT_ARRAYS.items() if archive.has_array(scan_id, n)
+        ]
         if not found:
             raise ArchiveError(
-                f"scan {scan_id!r} has no measurements (kspace or sinogram); run the simulate stage first"
+                f"scan {scan_id!r} has no measurements ({', '.join(MEASUREMENT_ARRAYS.values())}); "
+                "run the simulate stage first"
             )
         modality, name = found[0]
         arr = archive.open_array(scan_id, name)
         attrs = arr.attrs.asdict()
         where = f"scans/{scan_id}/{name}"
-        commit = archive.commit_record(MEASUREMENTS, scan_id) or {}
-        records = commit.get("arrays", {})
         h, w = (int(v) for v in attrs["image_shape"])
         if modality == "ct":
             ct = CTSpec.model_validate(attrs["ct"])
             return cls("ct", ct_operator(ct, (h, w)), (h, w), ct=ct, records=records)
+        if modality == "lowres":
+            factor = attrs.get("factor")
+            if not isinstance(factor, int) or factor < 1 or h % factor or w % factor:
+                raise ArchiveError(
+                    f"{where}: attribute 'factor' is {factor!r} for image_shape ({h}, {w}); expected a "
+                    "positive integer that divides both"
+                )
+            op = Downsample((h, w), factor)
+            if tuple(arr.shape[1:]) != op.out_shape:
+                raise ArchiveError(
+                    f"{where}: stored with shape {tuple(arr.shape)}; expected (D, {op.out_shape[0]}, "
+                    f"{op.out_shape[1]}) for image_shape ({h}, {w}) at factor {factor}"
+                )
+            sigma = float(commit.get("noise_sigma") or 0.0)
+            return cls("lowres", op, (h, w), records=records, noise_sigma=sigma)
         coils = int(attrs.get("coils", 1))
         if len(arr.shape) != 4 or arr.shape[1] != coils:
             raise ArchiveError(
@@ -248,22 +301,35 @@ class Acquisition:
             sampled_columns(mask), noise_sigma=self.noise_sigma,
         )  # fmt: skip
 
+    @property
+    def factor(self) -> int | None:
+        """The down-sampling factor of a low-resolution acquisition, else None."""
+        return self.op.factor if isinstance(self.op, Downsample) else None
+
     def describe(self) -> str:
-        """One line, for messages: modality, slice shape, coils or CT geometry."""
+        """One line, for messages: modality, slice shape, coils, CT geometry or down-sampling factor."""
         what = f"{self.modality.upper()} {self.image_shape[0]}x{self.image_shape[1]}"
         if self.ct is not None:
             return f"{what} {self.ct.geometry}-beam {self.ct.views} views"
+        if self.modality == "lowres":
+            h, w = self.op.out_shape
+            return f"{what} down-sampled {self.factor}x to {h}x{w}"
         return f"{what} {self.coils} coil(s)"
 
     # -- layout ------------------------------------------------------------------------------------
     @property
     def measurement(self) -> str:
-        """The measurement array's name: ``kspace`` or ``sinogram``."""
+        """The measurement array's name: ``kspace``, ``sinogram`` or ``lowres``."""
         return MEASUREMENT_ARRAYS[self.modality]
+
+    @property
+    def real(self) -> bool:
+        """Whether the measurements are real (float32 sinograms and low-res images), not complex k-space."""
+        return self.modality in ("ct", "lowres")
 
     def stored_shape(self, depth: int) -> tuple[int, ...]:
         """The measurement array's shape for ``depth`` slices."""
-        if self.modality == "ct":
+        if self.real:
             return (depth, *self.op.out_shape)
         h, w = self.image_shape
         return (depth, self.coils, h, w if self.columns is None else int(self.columns.size))
@@ -274,6 +340,8 @@ class Acquisition:
         if self.modality == "ct":
             assert self.ct is not None
             return out | {"ct": self.ct.model_dump(), "angles": self.op.angles.tolist()}  # type: ignore[attr-defined]
+        if self.modality == "lowres":
+            return out | {"factor": self.factor, "axes": "D,h,w"}
         out |= {"coils": self.coils, "axes": "D,C,H,W", "layout": "full"}
         if self.columns is not None:
             out |= {"layout": "columns", "columns": self.columns.tolist()}
@@ -290,7 +358,7 @@ class Acquisition:
 
     def to_stored(self, y: torch.Tensor) -> np.ndarray:
         """Measurements ``(S, *op.out_shape)`` in the stored layout (see the module docstring)."""
-        if self.modality == "ct":
+        if self.real:
             return y.to(torch.float32).numpy()
         if self.coils == 1:
             y = y.unsqueeze(1)  # (S, 1, H, W)
@@ -300,7 +368,7 @@ class Acquisition:
 
     def from_stored(self, block: np.ndarray) -> torch.Tensor:
         """Stored measurements of ``S`` slices in operator layout ``(S, *op.out_shape)``, zero-filled."""
-        if self.modality == "ct":
+        if self.real:
             return torch.from_numpy(np.ascontiguousarray(block))
         if self.columns is not None:
             full = np.zeros((*block.shape[:-1], self.image_shape[1]), dtype=block.dtype)
@@ -322,10 +390,11 @@ class Acquisition:
         """One operator for a batch whose item ``b`` was measured by ``acquisitions[b]``.
 
         MRI stacks the masks (and coil maps) into a batched operator; CT needs one geometry for
-        the whole batch.
+        the whole batch, and low resolution one factor.
 
         Raises:
-            StageError: the acquisitions mix modalities, image shapes, coil counts or CT geometries.
+            StageError: the acquisitions mix modalities, image shapes, coil counts, CT geometries or
+                down-sampling factors.
         """
         first = acquisitions[0]
         if any(a.per_slice for a in acquisitions):
@@ -339,12 +408,12 @@ class Acquisition:
                 first.image_shape,
                 first.coils,
             )
-            if not same or (first.modality == "ct" and other.ct != first.ct):
+            if not same or other.ct != first.ct or other.factor != first.factor:
                 raise StageError(
                     f"training batches need one kind of acquisition; found {first.describe()} "
                     f"beside {other.describe()}"
                 )
-        if first.modality == "ct" or all(a is first for a in acquisitions):
+        if first.real or all(a is first for a in acquisitions):
             return first.op
         assert first.mask is not None
         masks = torch.stack([a.mask for a in acquisitions])  # type: ignore[misc]  # (B, H, W)

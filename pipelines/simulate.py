@@ -6,11 +6,15 @@
 * CT: ``p = A x`` with a parallel- or fan-beam projector over ``views`` angles,
   optionally low-dose: Poisson counts ``N ~ Poisson(i0 · exp(-μ A x))`` then ``-log(N / i0) / μ``,
   with ``μ`` the attenuation of unit image intensity per pixel.
+* Low resolution: ``y = D_f x + n`` per 2D slice, ``D_f`` the mean of each ``f x f`` block
+  (:class:`operators.resolution.Downsample`), optionally with real Gaussian noise ``n`` of
+  standard deviation ``σ = RMS(x) · 10^(-SNR_dB/20)`` (one ``σ`` per scan, from the image's RMS).
 
 A volume is processed slab by slab (``slab`` slices at a time) into an output array
 whose chunks or shards are those slabs, so a task's memory is bounded by one slab, not the
 volume. :class:`pipelines.physics.Acquisition` decides the stored layout (k-space slice-first
-``(D, C, H, W)``; with a 1D Cartesian mask only the acquired columns).
+``(D, C, H, W)``; with a 1D Cartesian mask only the acquired columns; sinograms and low-res images
+float32 ``(D, ...)``).
 Noise is seeded per slice from the pipeline seed and the scan ID, so the same spec and
 seed give the same archive whatever the slab size. Before anything is written, the
 image is checked for NaN/Inf, so a bad scan leaves nothing behind.
@@ -96,6 +100,11 @@ def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
     return torch.complex(re, im) * (sigma / np.sqrt(2.0))
 
 
+def _generator(seed: int, scan_id: str, z: int) -> torch.Generator:
+    """The generator of slice ``z``'s noise (real low-resolution noise)."""
+    return torch.Generator().manual_seed(scan_seed(seed, scan_id, f"noise/{z}"))
+
+
 def acquisition_for(stage: SimulateStage, scan_id: str, seed: int, shape: tuple[int, int]) -> Acquisition:
     """The acquisition ``stage`` simulates for one scan: its mask is seeded per scan."""
     return Acquisition.simulated(stage, scan_seed(seed, scan_id, "mask"), shape)
@@ -112,20 +121,24 @@ def simulate_volume(
 ) -> float:
     """Simulate ``image`` ``(D, H, W)`` slab by slab, handing each slab to ``write(z0, stored)``.
 
-    ``stored`` is in the archive's layout (:meth:`Acquisition.to_stored`). Returns the MRI noise σ
-    (0 for CT). Noise is seeded per slice, so the slab size never changes the result.
+    ``stored`` is in the archive's layout (:meth:`Acquisition.to_stored`). Returns the noise σ of
+    MRI (complex) or low resolution (real), 0 for CT. Noise is seeded per slice, so the slab size
+    never changes the result.
     """
     depth, h, w = image.shape
     slab = stage.slab or depth
     sigma = 0.0
-    if acq.modality == "mri":
-        # One σ for the whole scan, whatever the slab size. Its reference is the RMS of the fully
-        # sampled noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is
-        # ‖x‖ / sqrt(C · N) and so comes from the image in one cheap pass.
+    snr_db = {"mri": stage.snr_db, "lowres": stage.lowres_spec.snr_db}.get(acq.modality)
+    if snr_db is not None:
+        # One σ for the whole scan, whatever the slab size. For MRI its reference is the RMS of the
+        # fully sampled noiseless k-space, which by Parseval (orthonormal FFT, Σ|S_c|² = 1) is
+        # ‖x‖ / sqrt(C · N); for low resolution the image's own RMS. Either comes from the image in
+        # one cheap pass.
         if energy is None:  # in-memory callers; simulate_scan passes the energy from its finite check
             energy = check_finite(image, slab)
-        rms = float(np.sqrt(energy / (stage.coils * int(np.prod(image.shape)))))
-        sigma = 0.0 if stage.snr_db is None else sigma_for_snr(rms, stage.snr_db)
+        coils = stage.coils if acq.modality == "mri" else 1
+        rms = float(np.sqrt(energy / (coils * int(np.prod(image.shape)))))
+        sigma = sigma_for_snr(rms, snr_db)
     for z0 in range(0, depth, slab):
         x = torch.from_numpy(np.ascontiguousarray(image[z0 : z0 + slab]))  # (s, H, W)
         y = acq.op.forward(x)  # (s, *op.out_shape)
@@ -138,6 +151,14 @@ def simulate_volume(
                 ]
             )  # (s, C, H, W)
             y = y + (noise[:, 0] if stage.coils == 1 else noise) * acq.mask.to(torch.float32)
+        elif acq.modality == "lowres" and sigma > 0:
+            noise = torch.stack(
+                [
+                    torch.randn(acq.op.out_shape, generator=_generator(seed, scan_id, z0 + i))
+                    for i in range(x.shape[0])
+                ]
+            )  # (s, H/f, W/f)
+            y = y + sigma * noise
         elif acq.modality == "ct" and acq.ct is not None and acq.ct.i0 is not None:
             # Photons see the physical line integral μ·(A x); the stored sinogram stays in image
             # units (divided back by μ), so y = A x + noise and FBP returns the image scale.
@@ -193,15 +214,17 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
     attrs = {**acq.attrs(), "seed": seed, "producer": "simulate", "slab": slab}
     if acq.modality == "mri":
         attrs |= {"mask": stage.mask.model_dump(), "snr_db": stage.snr_db}
+    elif acq.modality == "lowres":
+        attrs |= {"snr_db": stage.lowres_spec.snr_db}
     out = archive.create_array(
         scan_id,
         acq.measurement,
         acq.stored_shape(depth),
-        np.complex64 if acq.modality == "mri" else np.float32,
+        np.float32 if acq.real else np.complex64,
         slab=slab,
         attrs=attrs,
-        compress=acq.modality == "ct",  # noisy k-space compresses ~1.08x: raw is faster
-        slab_chunks=acq.modality == "mri",
+        compress=acq.real,  # noisy k-space compresses ~1.08x: raw is faster
+        slab_chunks=not acq.real,
     )
     sigma = simulate_volume(source, stage, acq, scan_id, seed, out.write, energy)
     arrays = {acq.measurement: out.record()}
@@ -210,8 +233,14 @@ def simulate_scan(archive: Archive, scan_id: str, *, stage: SimulateStage, seed:
     if acq.modality == "mri":
         assert acq.mask is not None
         return info | {"sampled_fraction": float(acq.mask.float().mean()), "noise_sigma": sigma}
+    if acq.modality == "lowres":
+        return info | {"factor": acq.factor, "noise_sigma": sigma}
     assert acq.ct is not None
     return info | {"views": acq.ct.views, "i0": acq.ct.i0}
+
+
+#: What each modality's simulation writes, for the progress bar.
+_WHAT = {"mri": "k-space", "ct": "sinograms", "lowres": "low-res images"}
 
 
 def run(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResult:
@@ -229,11 +258,11 @@ def run(ctx: StageContext, stage: SimulateStage, fingerprint: str) -> StageResul
         ids,
         fps,
         simulate_scan,
-        ["mask", "kspace", "coil_maps", "sinogram"],
+        ["mask", "kspace", "coil_maps", "sinogram", "lowres"],
         {"stage": stage, "seed": ctx.spec.seed},
         num_cpus=stage.num_cpus,
         console=ctx.console,
-        description=f"simulate {'k-space' if stage.modality == 'mri' else 'sinograms'}",
+        description=f"simulate {_WHAT[stage.modality]}",
         stage=stage.name,
     )
     return summarise(outcomes, {"modality": stage.modality}, {MEASUREMENTS: fps})

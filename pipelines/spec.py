@@ -58,6 +58,8 @@ __all__ = [
     "MaskSpec",
     "SimulateStage",
     "CTSpec",
+    "LowresSpec",
+    "MODALITIES",
     "ModelSpec",
     "TrainMasks",
     "Augment",
@@ -340,15 +342,36 @@ class CTSpec(Spec):
     )
 
 
+class LowresSpec(Spec):
+    """Low-resolution acquisition (super-resolution): each ``factor x factor`` block of a slice is
+    averaged into one voxel (:class:`operators.resolution.Downsample`), optionally with Gaussian noise."""
+
+    factor: Literal[2, 4] = Field(
+        default=2, description="in-plane down-sampling factor; it must divide the image's H and W"
+    )
+    snr_db: float | None = Field(
+        default=None,
+        description="real Gaussian noise, SNR in dB against the RMS of the image; null: noiseless",
+    )
+
+
+#: The modalities a simulate stage measures: Cartesian MRI k-space, CT sinograms, low-resolution images.
+Modality = Literal["mri", "ct", "lowres"]
+MODALITIES: tuple[str, ...] = Modality.__args__  # type: ignore[attr-defined]
+
+
 class SimulateStage(StageSpec):
     """Simulate measurements from each scan's image, one Ray task per scan, slab by slab."""
 
     kind: Literal["simulate"]
-    modality: Literal["mri", "ct"] = "mri"
+    modality: Modality = "mri"
     mask: MaskSpec = Field(default_factory=MaskSpec)
     coils: int = Field(default=1, ge=1, description="MRI coils; > 1 simulates SENSE with birdcage maps")
     snr_db: float | None = Field(default=40.0, description="MRI k-space SNR in dB; null for no noise")
     ct: CTSpec | None = None
+    lowres: LowresSpec | None = Field(
+        default=None, description="modality lowres: {factor: 2 or 4, snr_db}; default factor 2, noiseless"
+    )
     slab: int | None = Field(default=None, ge=1, description="slices per slab; bounds a task's memory")
     num_cpus: float = Field(default=1.0, gt=0)
     image: str = Field(
@@ -360,14 +383,36 @@ class SimulateStage(StageSpec):
 
     @model_validator(mode="after")
     def _modality_fields(self) -> SimulateStage:
-        if self.modality == "mri" and self.ct is not None:
-            raise ValueError("'ct' settings given for modality 'mri'; remove them or set modality: ct")
+        for name in ("ct", "lowres"):
+            if getattr(self, name) is not None and self.modality != name:
+                raise ValueError(
+                    f"'{name}' settings given for modality '{self.modality}'; remove them or set "
+                    f"modality: {name}"
+                )
+        if self.modality == "lowres":  # MRI settings other than their defaults (a dumped spec keeps those)
+            fields = type(self).model_fields
+            values = {name: getattr(self, name) for name in ("mask", "coils", "snr_db")}
+            mri_only = [
+                f"{name}: {v.model_dump() if isinstance(v, BaseModel) else v!r}"
+                for name, v in values.items()
+                if v != fields[name].get_default(call_default_factory=True)
+            ]
+            if mri_only:
+                raise ValueError(
+                    f"{', '.join(mri_only)} apply to modality 'mri'; found with modality 'lowres'. Remove "
+                    "them (noise of a low-resolution acquisition is lowres: {snr_db: ...})"
+                )
         return self
 
     @property
     def ct_spec(self) -> CTSpec:
         """The CT settings, with defaults when the file gives none."""
         return self.ct or CTSpec()
+
+    @property
+    def lowres_spec(self) -> LowresSpec:
+        """The low-resolution settings, with defaults when the file gives none."""
+        return self.lowres or LowresSpec()
 
 
 class ModelSpec(Spec):
@@ -494,12 +539,6 @@ class TrainStage(StageSpec):
         if v.name in ANALYSIS_MODELS:
             raise ValueError(
                 f"model {v.name!r} analyses images and does not reconstruct; train it in a train_task stage"
-            )
-        if v.name == "srcnn":
-            raise ValueError(
-                "model 'srcnn' super-resolves low-resolution images (operators.resolution.Downsample); "
-                "the pipelines simulate MRI and CT only, so it is trained and measured in "
-                "benchmarks/srcnn.py for now"
             )
         return v
 
@@ -742,8 +781,8 @@ class TaskTrainStage(StageSpec):
     axial slices (one worker, ``epochs * steps_per_epoch`` adversarial steps), whose generator is
     the prior of the recon method ``gan_prior:<stage>``. The input is the scan's ``image``, a reconstruction
     (``recon/<key>``) or the ``measurements`` themselves (k-space as log-magnitude and phase
-    channels, or the sinogram). Like the recon models, the model is saved as architecture JSON plus
-    safetensors and registered as ``<pipeline>-<stage>``.
+    channels, or the sinogram or low-res image). Like the recon models, the model is saved as
+    architecture JSON plus safetensors and registered as ``<pipeline>-<stage>``.
     """
 
     kind: Literal["train_task"]
@@ -1015,8 +1054,58 @@ class PipelineSpec(Spec):
             raise ValueError("simulate reads the images ingest writes: put ingest before simulate")
         if "phantoms" in kinds and "simulate" in kinds and kinds.index("simulate") < kinds.index("phantoms"):
             raise ValueError("simulate reads the images phantoms writes: put phantoms before simulate")
+        self._check_lowres_factor()
         self._check_methods()
         return self
+
+    def _check_lowres_factor(self) -> None:
+        """A low-resolution factor must divide the slices' H and W, where the spec says what they are."""
+        sim = next(iter(self.of_kind("simulate")), None)
+        if sim is None or sim.modality != "lowres":
+            return
+        plane, source = None, ""
+        if sim.image == "image":
+            phantoms = next(iter(self.of_kind("phantoms")), None)
+            if phantoms is not None:
+                plane, source = tuple(phantoms.shape[1:]), f"phantoms stage {phantoms.name!r} shape"
+        else:
+            pre = next((s for s in self.of_kind("preprocess") if s.output == sim.image), None)
+            if pre is not None and pre.shape is not None:
+                plane, source = tuple(pre.shape[1:]), f"preprocess stage {pre.name!r} shape"
+        f = sim.lowres_spec.factor
+        if plane is not None and (plane[0] % f or plane[1] % f):
+            raise ValueError(
+                f"simulate stage {sim.name!r}: lowres.factor must divide the slices' H and W; found factor "
+                f"{f} for (H, W) = {plane} from the {source} (remainders {plane[0] % f} and "
+                f"{plane[1] % f}). Use H and W that are multiples of {f}, or another factor"
+            )
+
+    def _check_train_model(self, stage: TrainStage, modality: str | None) -> None:
+        """A train stage's network must apply to the simulated modality (and an up-sampler to its factor)."""
+        from models.registry import ANALYSIS_MODELS, MODELS, RECON_MODALITIES, build_model
+
+        if modality is None:  # ingested measurements: the operator is only known per scan
+            return
+        serves = RECON_MODALITIES.get(stage.model.name, MODALITIES)
+        if modality not in serves:
+            recon_models = [n for n in MODELS if n not in ANALYSIS_MODELS]
+            fits = sorted(n for n in recon_models if modality in RECON_MODALITIES.get(n, MODALITIES))
+            raise ValueError(
+                f"train stage {stage.name!r}: model {stage.model.name!r} reconstructs modality "
+                f"{' or '.join(repr(m) for m in serves)}; this pipeline simulates {modality!r}. Train one of "
+                f"{fits}, or simulate modality: {serves[0]}"
+            )
+        if modality == "lowres":
+            config = getattr(build_model(stage.model.name, stage.model.kwargs), "config", None)
+            factor = getattr(config, "factor", None)
+            sim = self.of_kind("simulate")[0]
+            want = sim.lowres_spec.factor
+            if factor is not None and factor != want:
+                raise ValueError(
+                    f"train stage {stage.name!r}: model {stage.model.name!r} up-samples by "
+                    f"model.kwargs.factor = {factor}, but the simulate stage measures lowres.factor = "
+                    f"{want}; set the model's factor to {want}"
+                )
 
     def _check_methods(self) -> None:
         modality = self.modality
@@ -1026,6 +1115,7 @@ class PipelineSpec(Spec):
         for stage in self.stages:
             if stage.kind == "train":
                 earlier_train.add(stage.name)
+                self._check_train_model(stage, modality)
             elif stage.kind == "recon":
                 recon_before = True
                 for ref in stage.refs():

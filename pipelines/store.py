@@ -7,6 +7,7 @@ Layout under the archive root (a local directory or an fsspec URI), layout versi
     scans/<scan_id>/labels             uint8   (D, H, W), optional
     scans/<scan_id>/kspace             complex64 (D, C, H, W), or (D, C, H, n) acquired columns
     scans/<scan_id>/sinogram           float32 (D, views, detectors)
+    scans/<scan_id>/lowres             float32 (D, H/f, W/f), the mean of each f x f block
     scans/<scan_id>/mask, coil_maps    the acquisition's (H, W) mask and (C, H, W) maps
     scans/<scan_id>/recon/<key>        float32 (D, H, W), one per method (and model version)
     scans/<scan_id>/recon/<key>.std    float32 (D, H, W), its MC-dropout std (optional, same unit)
@@ -18,7 +19,7 @@ Layout under the archive root (a local directory or an fsspec URI), layout versi
     _meta/lease.json                        the writer lease of the run that holds the archive
 
 A **unit** is what one commit covers for one scan: ``source`` (image, labels), ``measurements``
-(k-space or sinogram, mask, coil maps), ``recon/<key>`` (one reconstruction) and
+(k-space, sinogram or low-res image, mask, coil maps), ``recon/<key>`` (one reconstruction) and
 ``evaluate/<stage name>`` (scores), ``segment/<stage name>`` (segmentations and their
 scores). :func:`unit_of` maps an array to its unit.
 
@@ -95,6 +96,7 @@ _UNIT_OF = {
     "labels": SOURCE,
     "kspace": MEASUREMENTS,
     "sinogram": MEASUREMENTS,
+    "lowres": MEASUREMENTS,
     "mask": MEASUREMENTS,
     "coil_maps": MEASUREMENTS,
 }

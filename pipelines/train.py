@@ -1,6 +1,7 @@
 """Training stage: Ray Train (``TorchTrainer``) on 2D slices streamed from the archive.
 
-* Any acquisition trains: single-coil MRI, multi-coil SENSE, parallel- and fan-beam CT. Each
+* Any acquisition trains: single-coil MRI, multi-coil SENSE, parallel- and fan-beam CT, low
+  resolution (super-resolution, e.g. ``srcnn``). Each
   worker reads its own slices through :class:`pipelines.physics.Acquisition` (a small per-scan
   cache), and a batch's operator stacks the acquisitions of its slices, so no volume passes
   through the Ray object store or the driver and the model is always ``model(y, op)``.
@@ -166,7 +167,8 @@ def fresh_batch(
     augment: Augmenter | None = None,
 ) -> tuple[torch.Tensor, LinearOperator, torch.Tensor]:
     """A batch measured anew from its (augmented) images: each MRI slice with its own seeded mask when
-    ``masks`` is set, each scan's coil maps and noise level (MRI k-space noise, CT photon counts).
+    ``masks`` is set, each scan's coil maps and noise level (MRI k-space noise, CT photon counts,
+    low-resolution Gaussian noise).
 
     Returns ``(y, op, target)`` like :meth:`SliceDataset.batch`. Raises :class:`StageError` when
     ``masks`` is set for a CT scan.
@@ -190,7 +192,13 @@ def fresh_batch(
         images.append(image[d] if augment is None else augment(image[d], int(rng.integers(2**31))))
     x = torch.from_numpy(np.stack(images))  # (B, H, W)
     op = Acquisition.stack(acqs)
-    y = op.forward(x)  # (B, H, W) or (B, C, H, W) complex, or sinograms
+    y = op.forward(x)  # (B, H, W) or (B, C, H, W) complex, sinograms, or low-res images (B, H/f, W/f)
+    if acqs[0].modality == "lowres":
+        sigma = torch.tensor([a.noise_sigma for a in acqs], dtype=torch.float32)  # (B,)
+        if bool((sigma > 0).any()):
+            g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            y = y + torch.randn(y.shape, generator=g) * sigma.reshape(-1, 1, 1)
+        return y.to(torch.float32), op, x
     if acqs[0].modality == "ct":
         for b, a in enumerate(acqs):
             if a.ct is not None and a.ct.i0 is not None:

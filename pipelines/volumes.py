@@ -6,7 +6,8 @@
   reconstruction of it, whatever their scale). MRI k-space, on the full Cartesian grid with
   zeros where it was not sampled (so a frequency keeps its place whatever the mask), becomes two
   channels per coil: the log-magnitude ``log(1 + |k| / s)`` (``s`` the mean magnitude of the
-  sampled entries) and the phase divided by π. A sinogram is one channel, scaled like an image.
+  sampled entries) and the phase divided by π. A sinogram, or a low-resolution image
+  ``(D, H/f, W/f)``, is one channel, scaled like an image.
 * :func:`class_map`: ``classes`` of a spec (output class -> label names or values) as a lookup
   table from label value to class index (0: background), with names from the label volume's
   ``classes`` attribute.
@@ -45,9 +46,12 @@ def read_input(archive: Archive, scan_id: str, source: str) -> np.ndarray:
             s = float(sampled.mean()) if sampled.size else 1.0
             channels = [np.log1p(mag / s), np.angle(k) / np.pi]  # each (D, C, H, W)
             return np.concatenate([c.transpose(1, 0, 2, 3) for c in channels]).astype(np.float32)
-        if archive.has_array(scan_id, "sinogram"):
-            return _scale(archive.read_array(scan_id, "sinogram"))[None]
-        raise StageError(f"scan {scan_id!r} has no measurements (kspace or sinogram): run a simulate stage")
+        for name in ("sinogram", "lowres"):  # real measurements: one channel
+            if archive.has_array(scan_id, name):
+                return _scale(archive.read_array(scan_id, name))[None]
+        raise StageError(
+            f"scan {scan_id!r} has no measurements (kspace, sinogram or lowres): run a simulate stage"
+        )
     name = archive.reference_name(scan_id) if source == "image" else source
     if not archive.has_array(scan_id, name):
         raise StageError(f"scan {scan_id!r} has no array {name!r}; expected it from an earlier stage")

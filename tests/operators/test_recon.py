@@ -1,4 +1,4 @@
-"""Classical reconstructions by name on MRI and CT operators (operators/recon.py)."""
+"""Classical reconstructions by name on MRI, CT and low-resolution operators (operators/recon.py)."""
 
 import math
 
@@ -12,6 +12,7 @@ from operators.linear import Identity
 from operators.masks import random_1d
 from operators.mri import CartesianMRI, birdcage_maps, sense
 from operators.recon import METHODS, ReconResult, reconstruct
+from operators.resolution import Downsample, bicubic_upsample
 
 N = 64  # image size of the integration problems
 
@@ -63,12 +64,12 @@ def single_coil(truth):
 
 # -- names and errors ------------------------------------------------------------------------------
 def test_registry_names():
-    assert set(METHODS) == {"zero_filled", "fbp", "cg_sense", "cs_wavelet", "cs_tv"}
+    assert set(METHODS) == {"zero_filled", "fbp", "nearest", "bicubic", "cg_sense", "cs_wavelet", "cs_tv"}
     assert all(METHODS[name].name == name for name in METHODS)
 
 
 def test_unknown_method_lists_the_valid_names():
-    names = r"\['cg_sense', 'cs_tv', 'cs_wavelet', 'fbp', 'zero_filled'\]"
+    names = r"\['bicubic', 'cg_sense', 'cs_tv', 'cs_wavelet', 'fbp', 'nearest', 'zero_filled'\]"
     with pytest.raises(ParameterError, match=rf"method must be one of {names}; found 'cs_tvv'"):
         reconstruct("cs_tvv", torch.ones(4, 4), Identity((4, 4)))
 
@@ -191,6 +192,49 @@ def test_ct_iterative_methods_give_real_images_better_than_fbp(sparse_view, trut
     result = reconstruct(method, y, op)
     assert result.image.dtype == torch.float32
     assert all(_psnr(result.image[i], truth[i]) > _psnr(ref[i], truth[i]) for i in range(2))
+
+
+# -- low resolution ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lowres(truth):
+    op = Downsample((N, N), 2)
+    return op, op.forward(torch.from_numpy(truth).float())  # (2, N/2, N/2)
+
+
+def test_bicubic_and_nearest_are_the_up_samplers_of_the_operator(lowres, truth):
+    op, y = lowres
+    bicubic = reconstruct("bicubic", y, op)
+    assert torch.equal(bicubic.image, bicubic_upsample(y, 2)) and bicubic.image.shape == (2, N, N)
+    assert (bicubic.method, bicubic.iterations, bicubic.converged) == ("bicubic", 0, True)
+    nearest = reconstruct("nearest", y, op).image
+    assert torch.equal(nearest, op.pseudo_inverse(y)) and torch.allclose(op.forward(nearest), y)
+    # on piecewise-constant images bicubic beats nearest-neighbour up-sampling
+    assert all(_psnr(bicubic.image[i], truth[i]) > _psnr(nearest[i], truth[i]) for i in range(2))
+
+
+@pytest.mark.parametrize("method", ["bicubic", "nearest"])
+def test_up_samplers_need_a_low_resolution_operator(single_coil, method):
+    op, y = single_coil
+    with pytest.raises(
+        ParameterError, match=rf"'{method}' needs a low-resolution operator.*found CartesianMRI"
+    ):
+        reconstruct(method, y, op)
+
+
+def test_methods_declare_the_modalities_they_serve():
+    serving = {
+        m: [name for name, meth in METHODS.items() if m in meth.modalities] for m in ("mri", "ct", "lowres")
+    }
+    assert serving["lowres"] == ["nearest", "bicubic", "cg_sense", "cs_wavelet", "cs_tv"]
+    assert "bicubic" not in serving["mri"] + serving["ct"] and "zero_filled" not in serving["lowres"]
+
+
+@pytest.mark.parametrize("method", ["cg_sense", "cs_wavelet", "cs_tv"])
+def test_iterative_methods_give_real_images_on_low_resolution(lowres, method):
+    op, y = lowres
+    result = reconstruct(method, y, op, max_iter=20)
+    assert result.image.dtype == torch.float32 and result.image.shape == (2, N, N)
+    assert torch.isfinite(result.image).all()
 
 
 # -- side effects ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def phantom_archive(root: Path, n: int = 3, shape=(4, 32, 32), splits=None) -> A
 def simulate(archive: Archive, scan_id: str, stage: SimulateStage, seed: int = 0, fp: str = "fp-sim"):
     """Simulate and commit one scan (what a simulate task does); returns the outcome."""
     return process_scan(archive, MEASUREMENTS, scan_id, fp, simulate_scan, ["kspace", "mask", "coil_maps",
-                        "sinogram"], {"stage": stage, "seed": seed})  # fmt: skip
+                        "sinogram", "lowres"], {"stage": stage, "seed": seed})  # fmt: skip
 
 
 def archive_with_model(root: Path, n: int = 24) -> tuple[Archive, str]:

@@ -120,6 +120,19 @@ def test_inputs_are_scaled_images_or_kspace_magnitude_and_phase(tmp_path):
         read_input(archive, "s0", "recon/cs_tv")
 
 
+def test_low_resolution_measurements_are_one_scaled_channel(tmp_path):
+    from pipelines.spec import SimulateStage
+    from pipelines.volumes import input_channels
+    from tests.pipelines.helpers import phantom_archive, simulate
+
+    archive = phantom_archive(tmp_path, n=1, shape=(4, 32, 32))
+    stage = SimulateStage(kind="simulate", modality="lowres", lowres={"factor": 4})
+    assert simulate(archive, "s0", stage).status == "done"
+    lowres = read_input(archive, "s0", "measurements")
+    assert lowres.shape == (1, 4, 8, 8) and lowres.dtype == np.float32
+    assert abs(np.percentile(lowres, 99.5) - 1) < 1e-5 and input_channels(archive, "s0", "measurements") == 1
+
+
 # -- scores ---------------------------------------------------------------------------------------------
 
 

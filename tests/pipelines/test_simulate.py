@@ -1,4 +1,5 @@
-"""The simulation stage: CT (parallel, fan, low dose), multi-coil MRI, slabs, layouts; recon from them."""
+"""The simulation stage: CT (parallel, fan, low dose), multi-coil MRI, low resolution, slabs, layouts;
+recon from them."""
 
 import uuid
 
@@ -179,6 +180,14 @@ def test_noise_level_matches_the_requested_snr(archive):
         ({"mask": {"kind": "spiral"}}, r"(?s)mask\.kind.*random_1d"),
         ({"modality": "ct", "ct": {"i0": 0}}, r"(?s)ct\.i0.*greater than 0"),
         ({"modality": "mri", "ct": {"views": 10}}, r"'ct' settings given for modality 'mri'"),
+        ({"modality": "ct", "lowres": {"factor": 2}}, r"'lowres' settings given for modality 'ct'.*lowres"),
+        ({"modality": "lowres", "lowres": {"factor": 3}}, r"(?s)lowres\.factor.*Input should be 2 or 4"),
+        ({"modality": "lowres", "snr_db": 30}, r"snr_db: 30.0 apply to modality 'mri'.*lowres: \{snr_db"),
+        (
+            {"modality": "lowres", "coils": 4, "mask": {"acceleration": 8}},
+            r"mask: \{'kind': 'random_1d', 'acceleration': 8.0, .*\}, coils: 4 apply to modality 'mri'",
+        ),
+        ({"modality": "sar"}, r"(?s)modality.*'mri', 'ct' or 'lowres'"),
     ],
 )
 def test_bad_simulation_settings_are_spec_errors(fields, message):
@@ -200,3 +209,126 @@ def test_ct_pipeline_refuses_mri_methods():
     }
     with pytest.raises(Exception, match=r"method 'zero_filled' does not apply to modality 'ct'.*'fbp'"):
         PipelineSpec.model_validate(raw)
+
+
+# -- low resolution ----------------------------------------------------------------------------------
+def _lowres_pipeline(**changes) -> dict:
+    stages = {
+        "phantoms": {
+            "kind": "phantoms",
+            "n_scans": 2,
+            "shape": [8, 16, 16],
+            "split": {"train": 1, "test": 1},
+        },
+        "simulate": {"kind": "simulate", "modality": "lowres", "lowres": {"factor": 2}},
+        "train": {"kind": "train", "model": {"name": "srcnn", "kwargs": {"factor": 2, "features": [4, 4]}}},
+        "recon": {"kind": "recon", "methods": ["bicubic", "learned:train"]},
+    }
+    for kind, fields in changes.items():
+        stages[kind] = {**stages[kind], **fields}
+    return {"name": "sr", "archive": {"path": "x"}, "stages": list(stages.values())}
+
+
+def test_lowres_is_the_mean_of_each_block_and_rebuilds_the_same_acquisition(archive):
+    stage, info = _sim(archive, modality="lowres", lowres={"factor": 4}, slab=2)
+    stored = archive.open_array("s0", "lowres")
+    assert stored.shape == (SHAPE[0], 12, 12) and stored.dtype == np.float32
+    assert stored.attrs["factor"] == 4 and stored.attrs["image_shape"] == [48, 48]
+    assert info["factor"] == 4 and info["noise_sigma"] == 0
+    image = archive.read_array("s0", "image")
+    blocks = image.reshape(SHAPE[0], 12, 4, 12, 4).mean(axis=(2, 4))  # (D, 12, 12)
+    np.testing.assert_allclose(archive.read_array("s0", "lowres"), blocks, rtol=1e-5, atol=1e-6)
+    acq = Acquisition.from_archive(archive, "s0")
+    assert (acq.modality, acq.measurement, acq.factor, acq.image_shape) == ("lowres", "lowres", 4, (48, 48))
+    assert type(acq.op).__name__ == "Downsample" and acq.describe() == "LOWRES 48x48 down-sampled 4x to 12x12"
+    y = acq.read(archive, "s0", 1, 3)
+    assert tuple(y.shape) == (2, 12, 12) and y.dtype == torch.float32
+    np.testing.assert_allclose(y.numpy(), blocks[1:3], rtol=1e-5, atol=1e-6)
+    assert Acquisition.stack([acq, Acquisition.from_archive(archive, "s0")]) is acq.op
+
+
+def test_lowres_noise_is_seeded_at_the_requested_snr(archive):
+    _, info = _sim(archive, modality="lowres", lowres={"factor": 2, "snr_db": 20})
+    noisy = archive.read_array("s0", "lowres")
+    _sim(archive, modality="lowres", lowres={"factor": 2, "snr_db": 20}, slab=2)
+    np.testing.assert_array_equal(noisy, archive.read_array("s0", "lowres"))  # seeded per slice, not per slab
+    _sim(archive, modality="lowres", lowres={"factor": 2})
+    noise = noisy - archive.read_array("s0", "lowres")
+    image = archive.read_array("s0", "image").astype(np.float64)
+    assert info["noise_sigma"] == pytest.approx(np.sqrt(np.mean(image**2)) / 10)  # 20 dB under the image RMS
+    assert np.std(noise) == pytest.approx(info["noise_sigma"], rel=0.05)
+    _sim(archive, modality="lowres", lowres={"factor": 2, "snr_db": 20})
+    assert Acquisition.from_archive(archive, "s0").noise_sigma == pytest.approx(info["noise_sigma"])
+
+
+def test_a_scan_simulated_again_with_another_modality_reads_the_committed_measurements(archive):
+    _sim(archive, snr_db=None)
+    _sim(archive, modality="lowres")
+    assert archive.has_array("s0", "kspace"), "the old k-space is still there"
+    assert Acquisition.from_archive(archive, "s0").modality == "lowres"
+
+
+def test_a_factor_that_does_not_divide_the_image_fails_the_scan_and_names_the_setting(tmp_path):
+    odd = Archive(str(tmp_path / "odd"), create=True)
+    add_image(odd, "s0", random_ellipsoids((2, 18, 20), seed=0).image)
+    stage = SimulateStage(kind="simulate", modality="lowres", lowres={"factor": 4})
+    outcome = simulate(odd, "s0", stage)
+    assert outcome.status == "failed"
+    assert (
+        "simulate stage 'simulate': lowres.factor must divide the slices' H and W; found factor 4 for "
+        "(H, W) = (18, 20) (remainders 2 and 0)" in outcome.error
+    )
+    assert not odd.has_array("s0", "lowres")
+
+
+def test_a_corrupt_lowres_factor_is_named(archive):
+    from pipelines.errors import ArchiveError
+
+    _sim(archive, modality="lowres")
+    stored = zarr.open_array(zarr.storage.LocalStore(archive.uri), path="scans/s0/lowres", mode="r+")
+    stored.attrs["factor"] = 5
+    with pytest.raises(
+        ArchiveError, match=r"scans/s0/lowres: attribute 'factor' is 5 for image_shape \(48, 48\)"
+    ):
+        Acquisition.from_archive(archive, "s0")
+
+
+def test_bicubic_and_nearest_reconstruct_lowres_and_mri_methods_are_refused_per_scan(archive):
+    _sim(archive, modality="lowres")
+    rec = reconstructor(archive, ["nearest", "bicubic", "cs_tv", "zero_filled"], {"cs_tv": {"max_iter": 20}})
+    out = rec({"scan_id": np.array(["s0"])})
+    assert "method 'zero_filled' does not apply to LOWRES scan 's0'; it serves ['mri']" in out["error"][0]
+    image = archive.read_array("s0", "image")
+    scores = {m: psnr(archive.read_array("s0", f"recon/{m}"), image) for m in ("nearest", "bicubic", "cs_tv")}
+    assert archive.read_array("s0", "recon/bicubic").shape == SHAPE
+    assert scores["bicubic"] > scores["nearest"] > 20, scores
+
+    from pipelines.evaluate import comparison_figure
+
+    titles = [ax.get_title() for ax in comparison_figure(archive, "s0", ["bicubic"]).axes]
+    assert "low-res input (24x24)" in titles and any(t.startswith("bicubic\nPSNR") for t in titles)
+
+
+def test_a_lowres_pipeline_checks_methods_models_and_the_factor():
+    spec = PipelineSpec.model_validate(_lowres_pipeline())
+    assert PipelineSpec.model_validate(spec.model_dump(mode="json")) == spec  # `validate` prints this
+    cases = [
+        ({"recon": {"methods": ["zero_filled"]}},
+         r"method 'zero_filled' does not apply to modality 'lowres'; expected any of \['nearest', 'bicubic'"),
+        ({"simulate": {"lowres": {"factor": 4}}, "phantoms": {"shape": [8, 24, 18]}},
+         r"lowres.factor must divide the slices' H and W; found factor 4 for \(H, W\) = \(24, 18\) from the "
+         r"phantoms stage 'phantoms' shape \(remainders 0 and 2\)"),
+        ({"simulate": {"lowres": {"factor": 4}}},
+         r"model 'srcnn' up-samples by model.kwargs.factor = 2, but the simulate stage measures "
+         r"lowres.factor = 4; set the model's factor to 4"),
+        ({"train": {"model": {"name": "varnet", "kwargs": {}}}},
+         r"model 'varnet' reconstructs modality 'mri'; this pipeline simulates 'lowres'. Train one of "
+         r"\[.*'srcnn'.*\], or simulate modality: mri"),
+        ({"simulate": {"modality": "mri", "lowres": None}, "recon": {"methods": ["learned:train"]}},
+         r"model 'srcnn' reconstructs modality 'lowres'; this pipeline simulates 'mri'.*modality: lowres"),
+    ]  # fmt: skip
+    for changes, message in cases:
+        with pytest.raises(Exception, match=message):
+            PipelineSpec.model_validate(_lowres_pipeline(**changes))
+    # a network that takes any operator trains on low resolution too
+    PipelineSpec.model_validate(_lowres_pipeline(train={"model": {"name": "unet_post", "kwargs": {}}}))

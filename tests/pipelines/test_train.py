@@ -1,4 +1,5 @@
-"""Training for any acquisition: tiny runs through the spec lower the loss for SENSE and for CT."""
+"""Training for any acquisition: tiny runs through the spec lower the loss for SENSE and for CT; batches of
+MRI, CT and low-resolution acquisitions."""
 
 from __future__ import annotations
 
@@ -137,3 +138,23 @@ def test_fine_tuning_starts_from_a_registered_model_of_the_same_architecture(ray
     )
     with pytest.raises(PreflightError, match=mismatch):
         run_pipeline(PipelineSpec.model_validate(raw), Console(quiet=True))
+
+
+def test_a_low_resolution_batch_is_measured_anew_with_each_scans_noise(tmp_path):
+    from pipelines.spec import Augment
+    from pipelines.train import Augmenter, SliceDataset, fresh_batch
+    from tests.pipelines.helpers import phantom_archive, simulate
+
+    archive = phantom_archive(tmp_path / "a", n=2, shape=(8, 32, 32))
+    stage = SimulateStage(kind="simulate", modality="lowres", lowres={"factor": 2, "snr_db": 20})
+    for s in ("s0", "s1"):
+        assert simulate(archive, s, stage).status == "done"
+    data = SliceDataset(archive, ["s0", "s1"])
+    y, op, target = data.batch(list(range(16)))  # the stored measurements
+    assert y.shape == (16, 16, 16) and y.dtype == torch.float32 and type(op).__name__ == "Downsample"
+    y, op, target = fresh_batch(data, list(range(16)), None, np.random.default_rng(0), Augmenter(Augment()))
+    assert y.shape == (16, 16, 16) and y.dtype == torch.float32 and target.shape == (16, 32, 32)
+    sigma = Acquisition.from_archive(archive, "s0").noise_sigma
+    assert float((y - op.forward(target)).std()) == pytest.approx(sigma, rel=0.1)
+    again = fresh_batch(data, list(range(16)), None, np.random.default_rng(0), Augmenter(Augment()))
+    torch.testing.assert_close(again[0], y)  # seeded
