@@ -19,6 +19,11 @@ Every network takes a batch of volumes ``x`` of shape ``(B, C, D, H, W)``: ``C``
   Its encoder loads the
   weights of a trained segmentation ``unet3d`` (:func:`load_encoder`), and ``freeze`` trains only
   the head: transfer learning from segmentation to classification.
+* ``seg_classifier``: a whole trained segmentation ``unet3d`` read as a detector
+  (:class:`SegmentationClassifier`): the volume's logit is an affine map of the largest log-odds
+  of one class (lesions) over the volume, by sliding windows of the segmentation's patch.
+  ``freeze`` trains only the map's two numbers (calibration); fine-tuning trains the whole
+  network from the per-scan label (multiple-instance learning through the max).
 
 Example:
     >>> import torch
@@ -40,6 +45,7 @@ from torch import nn
 
 __all__ = [
     "SliceWise",
+    "SegmentationClassifier",
     "UNetClassifier",
     "build_unet",
     "build_unet2d",
@@ -232,12 +238,88 @@ class UNetClassifier(nn.Module):
         return self.head(torch.cat(pooled, dim=1)).reshape(-1)
 
 
-def load_encoder(classifier: UNetClassifier, segmenter_state: dict[str, Any]) -> int:
-    """Copy a segmentation ``unet3d``'s encoder weights into ``classifier``; returns the tensors copied.
+class SegmentationClassifier(nn.Module):
+    """A segmentation ``unet3d`` as a per-volume detector of class ``target_channel``.
+
+    The evidence of a volume is the largest log-odds of the target class over its voxels,
+    ``m = max_v (ℓ_t(v) - logsumexp_{k≠t} ℓ_k(v))``, and its logit is ``scale · m + bias``. Inference
+    slides windows of ``roi`` (the patch the segmentation trained on: its normalisation saw
+    patches of that size) with a Gaussian blend, as the segment stage does.
+
+    Args:
+        in_channels, out_channels, channels, num_res_units, dropout, norm: the ``unet3d``'s.
+        target_channel: the class to detect (``-1``: the last).
+        roi: the window ``(D, H, W)``; None runs the network on the whole volume.
+        freeze: keep the segmentation fixed (and its normalisation in eval mode); only ``scale``
+            and ``bias`` learn.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        channels: Sequence[int] = _CHANNELS,
+        num_res_units: int = 1,
+        dropout: float = 0.0,
+        norm: str = "instance",
+        target_channel: int = -1,
+        roi: Sequence[int] | None = None,
+        freeze: bool = False,
+    ) -> None:
+        super().__init__()
+        if not -out_channels <= target_channel < out_channels or out_channels < 2:
+            raise ValueError(
+                f"target_channel {target_channel} of {out_channels} output channels; expected a class "
+                "index of a segmentation with at least 2 classes"
+            )
+        self.unet = build_unet(3, in_channels, out_channels, channels, num_res_units, dropout, norm)
+        self.target = target_channel % out_channels
+        self.roi = tuple(int(r) for r in roi) if roi is not None else None
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+        self.freeze = freeze
+        if freeze:
+            self.unet.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> SegmentationClassifier:
+        super().train(mode)
+        if self.freeze:
+            self.unet.eval()
+        return self
+
+    def log_odds(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-voxel log-odds of the target class ``(B, D, H, W)``."""
+        if self.roi is not None and tuple(x.shape[2:]) != self.roi:
+            from monai.inferers import sliding_window_inference
+
+            logits = sliding_window_inference(x, self.roi, 4, self.unet, overlap=0.25, mode="gaussian")
+        else:
+            logits = self.unet(x)
+        assert isinstance(logits, torch.Tensor)
+        others = torch.cat([logits[:, : self.target], logits[:, self.target + 1 :]], dim=1)
+        return logits[:, self.target] - torch.logsumexp(others, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        evidence = self.log_odds(x).flatten(1).amax(dim=1)  # (B,)
+        return self.scale * evidence + self.bias
+
+
+def load_encoder(classifier: UNetClassifier | SegmentationClassifier, segmenter_state: dict[str, Any]) -> int:
+    """Copy a segmentation ``unet3d``'s encoder weights into ``classifier`` (all its weights into a
+    :class:`SegmentationClassifier`); returns the tensors copied.
 
     Raises:
         ValueError: the state lacks an encoder layer, or its shapes differ (another ``channels``).
     """
+    if isinstance(classifier, SegmentationClassifier):
+        try:
+            classifier.unet.load_state_dict(segmenter_state)
+        except RuntimeError as exc:
+            raise ValueError(
+                "the segmentation model does not fit this seg_classifier: give both the same "
+                f"in_channels, out_channels, channels and num_res_units ({str(exc).splitlines()[0]})"
+            ) from None
+        return len(segmenter_state)
     copied = 0
     for layer, prefix in zip(classifier.encoder, classifier.prefixes, strict=True):
         own = layer.state_dict()

@@ -84,6 +84,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet3d": analysis.build_densenet,
     "resnet3d": analysis.build_resnet,
     "unet_classifier": analysis.UNetClassifier,
+    "seg_classifier": analysis.SegmentationClassifier,
     # a generative image prior: z (B, latent) -> image (B, S, S) (models.gan; recon method gan_prior:<stage>)
     "dcgan": lambda **kw: gan.DCGANGenerator(gan.DCGANConfig(**kw)),
     # super-resolution: model(y, op) with y a low-resolution image and op an operators.resolution.Downsample
@@ -92,7 +93,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 #: Registry names of the analysis networks (they take volumes, not ``(y, op)``).
 ANALYSIS_MODELS = frozenset(
-    {"unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier", "dcgan"}
+    {"unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier", "seg_classifier", "dcgan"}
 )
 #: Of those, the ones that segment (per-voxel class logits); the others classify (one logit per volume).
 SEGMENTATION_MODELS = frozenset({"unet3d", "unet2d", "vnet"})
@@ -112,10 +113,7 @@ _MODULES: dict[str, str] = {
     "modl": MoDL.__module__,
     "unet_post": UNetPost.__module__,
     "varnet": VarNet.__module__,
-    **{
-        name: analysis.__name__
-        for name in ("unet3d", "unet2d", "vnet", "densenet3d", "resnet3d", "unet_classifier")
-    },
+    **{name: analysis.__name__ for name in ANALYSIS_MODELS - {"dcgan"}},
     "dcgan": gan.__name__,
     "srcnn": srcnn.__name__,
 }

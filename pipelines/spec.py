@@ -800,9 +800,19 @@ class TaskTrainStage(StageSpec):
     patch: tuple[int, int, int] | None = Field(
         default=None, description="segment: random (D, H, W) crops to train on; inference slides a window"
     )
+    oversample: dict[str, float] = Field(
+        default_factory=dict,
+        description="segment: class -> fraction of patches centred on a voxel of that class (rare "
+        "classes such as lesions are otherwise in few patches); the rest are uniform",
+    )
     augment: VolumeAugment | None = None
     loss: Literal["dice", "dicece", "ce", "bce"] | None = Field(
         default=None, description="default: dicece (segment), bce (classify)"
+    )
+    batch_dice: bool = Field(
+        default=False,
+        description="segment: Dice over the whole batch, not per patch (nnU-Net's batch Dice): a class "
+        "absent from a patch no longer pulls its prediction toward empty",
     )
     init_encoder: str | None = Field(
         default=None,
@@ -860,10 +870,13 @@ class TaskTrainStage(StageSpec):
                     "remove loss and input, and set workers: 1"
                 )
             return self
-        if self.init_encoder and self.model.name != "unet_classifier":
+        if self.init_encoder and self.model.name not in ("unet_classifier", "seg_classifier"):
             raise ValueError(
-                "init_encoder starts a unet_classifier from a unet3d's encoder; set model unet_classifier"
+                "init_encoder starts a unet_classifier from a unet3d's encoder, or a seg_classifier from "
+                f"the whole unet3d; model {self.model.name!r} cannot start from one"
             )
+        if self.model.name == "seg_classifier" and not self.init_encoder:
+            raise ValueError("model seg_classifier reads a trained segmentation: set init_encoder")
         if self.task == "segment":
             if self.loss_name == "bce":
                 raise ValueError("loss bce is for task classify; a segmentation takes dice, dicece or ce")
@@ -874,8 +887,17 @@ class TaskTrainStage(StageSpec):
                 raise ValueError(f"task classify trains with loss bce; found {self.loss_name!r}")
             if self.freeze and not self.init_encoder:
                 raise ValueError("freeze trains only the head of a pre-trained encoder: set init_encoder")
-            if self.patch is not None or self.classes is not None:
-                raise ValueError("patch and classes apply to task segment")
+            if self.patch is not None or self.classes is not None or self.oversample or self.batch_dice:
+                raise ValueError("patch, classes, oversample and batch_dice apply to task segment")
+        if self.oversample:
+            if self.patch is None:
+                raise ValueError("oversample centres patches on a class: give patch as well")
+            bad = {k: v for k, v in self.oversample.items() if not 0 < v <= 1}
+            if bad or sum(self.oversample.values()) > 1:
+                raise ValueError(
+                    "oversample: each fraction in (0, 1] and their sum at most 1; "
+                    f"found {dict(self.oversample)}"
+                )
         if self.register_as is not None and not _NAME.match(self.register_as):
             raise ValueError(f"register_as must match [A-Za-z0-9._-]+, found {self.register_as!r}")
         return self

@@ -106,17 +106,28 @@ class VolumeAugmenter:
 
 
 def random_patch(
-    image: np.ndarray, label: np.ndarray, patch: tuple[int, int, int] | None, rng: np.random.Generator
+    image: np.ndarray,
+    label: np.ndarray,
+    patch: tuple[int, int, int] | None,
+    rng: np.random.Generator,
+    centre: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A random ``patch`` crop of ``image (C, D, H, W)`` and ``label (D, H, W)``, zero-padded where
-    the volume is smaller (the whole volume when ``patch`` is None)."""
+    the volume is smaller (the whole volume when ``patch`` is None). With a ``centre`` voxel the
+    crop holds it, at a random offset of up to a quarter patch from the middle."""
     if patch is None:
         return image, label
     pad = [(0, max(0, p - s)) for p, s in zip(patch, label.shape, strict=True)]
     if any(after for _, after in pad):
         image = np.pad(image, [(0, 0), *pad])
         label = np.pad(label, pad)
-    starts = [int(rng.integers(0, s - p + 1)) for p, s in zip(patch, label.shape, strict=True)]
+    if centre is None:
+        starts = [int(rng.integers(0, s - p + 1)) for p, s in zip(patch, label.shape, strict=True)]
+    else:
+        starts = [
+            int(np.clip(c - p // 2 + rng.integers(-(p // 4), p // 4 + 1), 0, s - p))
+            for c, p, s in zip(centre, patch, label.shape, strict=True)
+        ]
     box = tuple(slice(a, a + p) for a, p in zip(starts, patch, strict=True))
     return image[(slice(None), *box)], label[box]
 
@@ -144,9 +155,9 @@ def _loss(stage: TaskTrainStage, pos_weight: float | None) -> Any:
 
     name = stage.loss_name
     if name == "dicece":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=stage.batch_dice)
     if name == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True)
+        return DiceLoss(to_onehot_y=True, softmax=True, batch=stage.batch_dice)
     if name == "ce":
         return lambda logits, target: torch.nn.functional.cross_entropy(logits, target[:, 0])
     weight = torch.tensor(pos_weight if pos_weight is not None else 1.0)
@@ -187,12 +198,14 @@ def _validate(model: torch.nn.Module, job: TaskJob, examples: list[tuple[np.ndar
 
 
 def _initial_encoder(model: torch.nn.Module, job: TaskJob) -> None:
-    from models.analysis import UNetClassifier, load_encoder
+    from models.analysis import SegmentationClassifier, UNetClassifier, load_encoder
     from pipelines.methods import load_model_uri
 
     assert job.encoder_uri is not None
-    if not isinstance(model, UNetClassifier):
-        raise StageError(f"train_task stage {job.stage.name!r}: init_encoder needs model unet_classifier")
+    if not isinstance(model, (UNetClassifier, SegmentationClassifier)):
+        raise StageError(
+            f"train_task stage {job.stage.name!r}: init_encoder needs model unet_classifier or seg_classifier"
+        )
     source, spec = load_model_uri(job.encoder_uri, job.tracking_uri)
     if spec.get("name") != "unet3d":
         raise StageError(
@@ -205,6 +218,37 @@ def _initial_encoder(model: torch.nn.Module, job: TaskJob) -> None:
         raise StageError(
             f"train_task stage {job.stage.name!r}: init_encoder {job.encoder_uri}: {exc}"
         ) from None
+
+
+def _class_voxels(job: TaskJob, examples: list[tuple[np.ndarray, Any]]) -> list[dict[int, np.ndarray]]:
+    """Per training volume, the voxels ``(n, 3)`` of every ``oversample`` class it holds."""
+    wanted = {job.class_names.index(name) for name in job.stage.oversample}
+    return [{c: np.argwhere(y == c) for c in wanted if (y == c).any()} for _, y in examples]
+
+
+def _sample(
+    train_set: list[tuple[np.ndarray, Any]],
+    voxels: list[dict[int, np.ndarray]],
+    job: TaskJob,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, Any]:
+    """One training example: a volume (segment: a patch of it, centred on an ``oversample`` class
+    with that class's probability)."""
+    stage = job.stage
+    u, chosen = (rng.uniform() if stage.oversample else 1.0), None
+    for name, fraction in stage.oversample.items():
+        if u < fraction:
+            chosen = job.class_names.index(name)
+            break
+        u -= fraction
+    holders = [i for i, v in enumerate(voxels) if chosen in v] if chosen is not None else []
+    if not holders:
+        x, y = train_set[int(rng.integers(len(train_set)))]
+        return random_patch(x, y, stage.patch, rng) if stage.task == "segment" else (x, y)
+    i = holders[int(rng.integers(len(holders)))]
+    points = voxels[i][chosen]
+    x, y = train_set[i]
+    return random_patch(x, y, stage.patch, rng, centre=points[int(rng.integers(len(points)))])
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -227,6 +271,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_set = _examples(archive, job.train_ids, job)
     val_set = _examples(archive, job.val_ids, job) if rank == 0 and job.val_ids else []
     augment = VolumeAugmenter(stage.augment) if stage.augment is not None else None
+    voxels = _class_voxels(job, train_set) if stage.oversample else []
     pos_weight = None
     if stage.task == "classify":
         positives = sum(int(y) for _, y in train_set)
@@ -267,9 +312,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for step in range(stage.steps_per_epoch):
             xs, ys = [], []
             for _ in range(stage.batch_size):
-                x, y = train_set[int(rng.integers(len(train_set)))]
-                if stage.task == "segment":
-                    x, y = random_patch(x, y, stage.patch, rng)
+                x, y = _sample(train_set, voxels, job, rng)
                 if augment is not None:
                     x, label = augment(x, y if stage.task == "segment" else None, int(rng.integers(2**31)))
                     y = label if label is not None else y
@@ -418,6 +461,29 @@ def _resolve_encoder(ctx: StageContext, stage: TaskTrainStage) -> str | None:
     return ctx.model_uri(stage.init_encoder, f"train_task stage {stage.name!r}")
 
 
+def _segmentation_facts(ctx: StageContext, stage: TaskTrainStage) -> dict[str, Any]:
+    """A ``seg_classifier``'s network settings from the segmentation stage it starts from: its
+    architecture, its classes (the target's channel) and its patch (the inference window)."""
+    assert stage.init_encoder is not None
+    source = ctx.upstream.get(stage.init_encoder)
+    if source is None:  # a registered model: its settings must be given
+        return {}
+    classes = list(source.get("classes") or [])
+    if stage.target not in classes:
+        raise StageError(
+            f"train_task stage {stage.name!r}: the segmentation {stage.init_encoder!r} has classes "
+            f"{classes}, without the target {stage.target!r}; add a class {stage.target!r} to it"
+        )
+    seg = next(s for s in ctx.spec.stages if s.name == stage.init_encoder)
+    facts = dict(seg.model.kwargs) | {  # type: ignore[union-attr]
+        "out_channels": len(classes),
+        "target_channel": classes.index(stage.target),
+    }
+    if source.get("patch"):
+        facts["roi"] = list(source["patch"])
+    return facts
+
+
 def run(ctx: StageContext, stage: TaskTrainStage, fingerprint: str) -> StageResult:
     """Train with Ray Train, register the model, and return its URI and what it predicts."""
     has = set(ctx.archive.committed(SOURCE))
@@ -447,6 +513,15 @@ def run(ctx: StageContext, stage: TaskTrainStage, fingerprint: str) -> StageResu
                 f"train_task stage {stage.name!r}: model out_channels is {kwargs['out_channels']} for "
                 f"{len(names)} classes {names}; remove out_channels or set it to {len(names)}"
             )
+        missing = sorted(set(stage.oversample) - set(names))
+        if missing:
+            raise StageError(
+                f"train_task stage {stage.name!r}: oversample names {missing}, which are not among the "
+                f"classes {names[1:]}"
+            )
+    encoder_uri = _resolve_encoder(ctx, stage)
+    if stage.model.name == "seg_classifier":
+        kwargs = _segmentation_facts(ctx, stage) | kwargs
     if stage.freeze:
         kwargs["freeze"] = True
     job = TaskJob(
@@ -461,7 +536,7 @@ def run(ctx: StageContext, stage: TaskTrainStage, fingerprint: str) -> StageResu
         model_kwargs=kwargs,
         class_names=names,
         lut=lut,
-        encoder_uri=_resolve_encoder(ctx, stage),
+        encoder_uri=encoder_uri,
     )
     best = bool(val_ids) and stage.task != "generate"  # a GAN has no validation score
     score = ("val_score", "max") if best else ("train_loss", "min")

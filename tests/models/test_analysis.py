@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import build_model, load_model, save_model
-from models.analysis import UNetClassifier, load_encoder
+from models.analysis import SegmentationClassifier, UNetClassifier, load_encoder
 
 TINY = [4, 8, 16]
 SEGMENTERS = {
@@ -19,6 +19,7 @@ CLASSIFIERS = {
     "densenet3d": {"init_features": 4, "growth_rate": 4, "block_config": [1, 1]},
     "resnet3d": {"widths": [4, 8, 8, 16]},
     "unet_classifier": {"channels": TINY},
+    "seg_classifier": {"channels": TINY, "out_channels": 3},
 }
 
 
@@ -131,6 +132,57 @@ def test_freeze_trains_only_the_head_of_a_transferred_encoder():
     after = clf.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("head.") for k in changed), changed
+
+
+def test_a_seg_classifier_reads_the_largest_log_odds_of_its_class_through_sliding_windows():
+    segmenter = build_model("unet3d", {"out_channels": 3, "channels": TINY}).eval()
+    clf = SegmentationClassifier(channels=TINY, out_channels=3, target_channel=2, roi=(16, 16, 16))
+    assert load_encoder(clf, segmenter.state_dict()) == len(segmenter.state_dict())
+    clf.eval()
+    x = torch.randn(2, 1, 16, 16, 16)  # one window: the segmenter's own logits
+    with torch.no_grad():
+        logits = segmenter(x)
+        expected = (logits[:, 2] - torch.logsumexp(logits[:, :2], dim=1)).flatten(1).amax(1)
+        assert torch.allclose(clf(x), expected, atol=1e-5)
+        assert clf(torch.randn(1, 1, 16, 32, 48)).shape == (1,)  # larger volumes slide the window
+
+
+def test_a_frozen_seg_classifier_trains_only_its_calibration_and_finetuning_trains_all():
+    segmenter = build_model("unet3d", {"out_channels": 2, "channels": TINY})
+    frozen = SegmentationClassifier(channels=TINY, freeze=True)
+    load_encoder(frozen, segmenter.state_dict())
+    frozen.train()
+    assert not frozen.unet.training
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {"scale", "bias"}
+    tuned = SegmentationClassifier(channels=TINY)
+    tuned(torch.randn(2, 1, 16, 16, 16)).sum().backward()
+    assert all(p.grad is not None for p in tuned.unet.parameters())
+    with pytest.raises(ValueError, match="target_channel 2 of 2 output channels"):
+        SegmentationClassifier(channels=TINY, target_channel=2)
+    with pytest.raises(ValueError, match="does not fit this seg_classifier"):
+        load_encoder(SegmentationClassifier(channels=[8, 16, 32]), segmenter.state_dict())
+
+
+def test_a_tiny_seg_classifier_learns_which_volumes_hold_a_bright_cube():
+    rng = np.random.default_rng(1)
+    x = 0.1 * rng.standard_normal((12, 1, 16, 16, 16)).astype(np.float32)
+    labels = np.arange(12) % 2
+    for i in np.flatnonzero(labels):
+        a = rng.integers(1, 11, 3)
+        x[i, 0, a[0] : a[0] + 4, a[1] : a[1] + 4, a[2] : a[2] + 4] += 1.0
+    torch.manual_seed(0)
+    net = SegmentationClassifier(channels=TINY)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    first = float(loss_fn(net(xt), yt))
+    for _ in range(40):
+        opt.zero_grad()
+        loss = loss_fn(net(xt), yt)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+    assert ((net(xt) > 0).numpy() == labels.astype(bool)).mean() == 1.0
 
 
 def test_an_encoder_of_another_shape_is_refused_with_the_reason():
