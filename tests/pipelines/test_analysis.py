@@ -35,7 +35,8 @@ PHANTOMS = {"kind": "phantoms", "phantom": "brain", "n_scans": 8, "shape": [32, 
 SEG = {"kind": "train_task", "name": "seg", "task": "segment",
        "model": {"name": "unet3d", "kwargs": {"channels": [4, 8, 16]}},
        "classes": {"tissue": ["grey_matter", "white_matter"], "lesions": ["lesions"]},
-       "patch": [32, 32, 32], "epochs": 2, "steps_per_epoch": 4, "batch_size": 1}  # fmt: skip
+       "patch": [32, 32, 32], "oversample": {"lesions": 0.5}, "batch_dice": True,
+       "epochs": 2, "steps_per_epoch": 4, "batch_size": 1}  # fmt: skip
 CLF = {"kind": "train_task", "name": "clf", "task": "classify",
        "model": {"name": "unet_classifier", "kwargs": {"channels": [4, 8, 16]}},
        "init_encoder": "seg", "freeze": True, "epochs": 1, "steps_per_epoch": 3, "batch_size": 2}  # fmt: skip
@@ -54,6 +55,46 @@ CLF = {"kind": "train_task", "name": "clf", "task": "classify",
 def test_a_segmentation_stage_refuses_classification_settings(tmp_path, change, message):
     with pytest.raises(ValidationError, match=message):
         _pipeline(tmp_path, [PHANTOMS, {**SEG, **change}])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"patch": None}, "oversample centres patches on a class: give patch"),
+        ({"oversample": {"lesions": 0.7, "tissue": 0.5}}, "their sum at most 1"),
+        ({"oversample": {"lesions": 0}}, r"each fraction in \(0, 1\]"),
+    ],
+)
+def test_oversampling_needs_patches_and_fractions_that_add_up(tmp_path, change, message):
+    with pytest.raises(ValidationError, match=message):
+        _pipeline(tmp_path, [PHANTOMS, {**SEG, **change}])
+    with pytest.raises(ValidationError, match="patch, classes, oversample and batch_dice apply to task seg"):
+        _pipeline(tmp_path, [PHANTOMS, SEG, {**CLF, "batch_dice": True}])
+    with pytest.raises(ValidationError, match="seg_classifier reads a trained segmentation: set init_enc"):
+        _pipeline(tmp_path, [PHANTOMS, {**CLF, "model": {"name": "seg_classifier"}, "init_encoder": None,
+                                        "freeze": False}])  # fmt: skip
+
+
+def test_oversampled_patches_are_centred_on_the_rare_class():
+    from types import SimpleNamespace
+
+    from pipelines.spec import TaskTrainStage
+    from pipelines.train_task import _class_voxels, _sample
+
+    label = np.zeros((32, 32, 32), np.int64)
+    label[28:30, 2:4, 29:31] = 2  # a lesion in a corner
+    example = (np.zeros((1, 32, 32, 32), np.float32), label)
+    rng = np.random.default_rng(0)
+    held = {}
+    for fraction in (1.0, 0.0):
+        oversample = {"lesions": fraction} if fraction else {}
+        stage = TaskTrainStage.model_validate({**SEG, "patch": [8, 8, 8], "oversample": oversample})
+        job = SimpleNamespace(stage=stage, class_names=["background", "tissue", "lesions"])
+        voxels = _class_voxels(job, [example]) if oversample else []
+        patches = [_sample([example], voxels, job, rng) for _ in range(50)]
+        assert all(x.shape == (1, 8, 8, 8) and y.shape == (8, 8, 8) for x, y in patches)
+        held[fraction] = np.mean([(y == 2).any() for _, y in patches])
+    assert held[1.0] == 1.0 and held[0.0] < 0.2, held
 
 
 def test_freeze_needs_an_encoder_and_an_encoder_needs_a_segmentation_stage(tmp_path):
@@ -175,8 +216,9 @@ def test_segment_and_classify_after_reconstruction_end_to_end(ray_session, tmp_p
             {**CLF, "name": "kspace", "input": "measurements", "init_encoder": None, "freeze": False,
              "model": {"name": "densenet3d",
                        "kwargs": {"init_features": 4, "growth_rate": 4, "block_config": [1]}}},
+            {**CLF, "name": "det", "model": {"name": "seg_classifier"}, "epochs": 1, "steps_per_epoch": 2},
             {"kind": "segment", "model": "seg", "inputs": ["image", "recon/*"], "figures": 1},
-            {"kind": "classify", "models": ["clf", "kspace"]},
+            {"kind": "classify", "models": ["clf", "kspace", "det"]},
         ],
     )  # fmt: skip
     result = run_pipeline(spec, Console(quiet=True))
@@ -191,7 +233,13 @@ def test_segment_and_classify_after_reconstruction_end_to_end(ray_session, tmp_p
     assert result.outputs["clf"]["encoder"] == result.outputs["seg"]["model_uri"]
     assert result.outputs["kspace"]["input"] == "measurements"
     summary = result.outputs["classify"]["summary"]
-    assert set(summary) == {"clf", "kspace"} and all(0 <= s["accuracy"] <= 1 for s in summary.values())
+    assert set(summary) == {"clf", "kspace", "det"}
+    assert all(0 <= s["accuracy"] <= 1 for s in summary.values())
+    # the detector is the whole segmentation: its classes and patch came from the seg stage
+    from pipelines.methods import load_model_uri
+
+    det, det_spec = load_model_uri(result.outputs["det"]["model_uri"], result.tracking_uri)
+    assert det_spec["kwargs"]["out_channels"] == 3 and det.target == 2 and det.roi == (32, 32, 32)
     client = MlflowClient(result.tracking_uri)
     figures = [f.path for f in client.list_artifacts(result.run_id, "segment/segment")]
     assert any(p.endswith("_overlay.png") for p in figures), figures
