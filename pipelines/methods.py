@@ -5,10 +5,13 @@ A method is written as one of:
 * a classical name from :data:`operators.recon.METHODS` (``zero_filled``, ``fbp``, ``nearest``,
   ``bicubic``, ``cg_sense``, ``cs_wavelet``, ``cs_tv``), each for the modalities it serves;
 * ``learned:<train stage name>``: the model a train stage of the same pipeline registered;
-* ``gan_prior:<train_task stage name>`` (``gan_prior+dc:`` with a final data-consistency step):
-  a search over the latent space of the DCGAN generator a ``task: generate`` stage trained,
-  ``min_z ‖A G(z) − y‖²`` (:func:`models.gan.gan_prior_reconstruct`); its key is
-  ``gan_prior.<model key>`` (``gan_prior_dc.<model key>``);
+* ``gan_prior:<train_task stage name>``: a search over the latent space of the DCGAN generator a
+  ``task: generate`` stage trained, ``min_z ‖A G(z) − y‖²`` (:func:`models.gan.gan_prior_reconstruct`);
+  ``gan_prior+adapt:`` then adapts a copy of the generator's weights to each image's measurements
+  (image-adaptive GAN), and ``+dc`` (``gan_prior+dc:``, ``gan_prior+adapt+dc:``) ends with a
+  data-consistency step (:data:`GAN_PRIOR_FORMS`). The key is the form with ``_`` for ``+`` and
+  the model's key: ``gan_prior.<model key>``, ``gan_prior_dc.…``, ``gan_prior_adapt.…``,
+  ``gan_prior_adapt_dc.…``;
 * a model URI: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/PATH``.
 
 Each method writes its own array ``recon/<key>`` and has its own fingerprint. A classical method's
@@ -38,23 +41,33 @@ _MODEL_URI = re.compile(
 _RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{8,64})/(?P<path>[A-Za-z0-9._/-]+)$")
 _STAGE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LEARNED_PREFIX = "learned:"
-GAN_PRIOR_PREFIX = "gan_prior:"
-GAN_PRIOR_DC_PREFIX = "gan_prior+dc:"
+#: The forms of a GAN-prior method, written ``<form>:<train_task stage name>``.
+GAN_PRIOR_FORMS = ("gan_prior", "gan_prior+dc", "gan_prior+adapt", "gan_prior+adapt+dc")
 
 
 @dataclass(frozen=True)
 class MethodRef:
-    """A method as written: ``kind`` is ``classical``, ``learned`` or ``model``; ``target`` is the
-    classical name, the train stage name, or the model URI."""
+    """A method as written: ``kind`` is ``classical``, ``learned``, ``gan_prior`` or ``model``;
+    ``target`` is the classical name, the train (or train_task) stage name, or the model URI."""
 
     text: str
     kind: Literal["classical", "learned", "model", "gan_prior"]
     target: str
 
     @property
+    def form(self) -> str:
+        """A GAN-prior method's form (one of :data:`GAN_PRIOR_FORMS`); ``""`` for other kinds."""
+        return self.text.split(":", 1)[0] if self.kind == "gan_prior" else ""
+
+    @property
     def data_consistency(self) -> bool:
-        """A ``gan_prior+dc:`` method: the GAN prior followed by a data-consistency step."""
-        return self.text.startswith(GAN_PRIOR_DC_PREFIX)
+        """A ``…+dc:`` GAN-prior method: the GAN prior followed by a data-consistency step."""
+        return self.form.endswith("+dc")
+
+    @property
+    def adapt(self) -> bool:
+        """A ``gan_prior+adapt…:`` method: the generator adapted to each image after the search."""
+        return "+adapt" in self.form
 
 
 def parse_method(text: str) -> MethodRef:
@@ -68,17 +81,17 @@ def parse_method(text: str) -> MethodRef:
         if not _STAGE.match(stage):
             raise ValueError(f"{text!r}: expected learned:<train stage name>, e.g. learned:train")
         return MethodRef(text, "learned", stage)
-    for prefix in (GAN_PRIOR_PREFIX, GAN_PRIOR_DC_PREFIX):
-        if text.startswith(prefix):
-            stage = text[len(prefix) :]
-            if not _STAGE.match(stage):
-                raise ValueError(f"{text!r}: expected {prefix}<train_task stage name>, e.g. {prefix}gan")
-            return MethodRef(text, "gan_prior", stage)
+    form, _, stage = text.partition(":")
+    if form in GAN_PRIOR_FORMS:
+        if not _STAGE.match(stage):
+            raise ValueError(f"{text!r}: expected {form}:<train_task stage name>, e.g. {form}:gan")
+        return MethodRef(text, "gan_prior", stage)
     if _MODEL_URI.match(text) or _RUN_URI.match(text):
         return MethodRef(text, "model", text)
     raise ValueError(
         f"unknown method {text!r}; expected a classical method ({', '.join(METHODS)}), "
-        "learned:<train stage name>, gan_prior:<train_task stage name> (or gan_prior+dc:), or a model URI "
+        f"learned:<train stage name>, {GAN_PRIOR_FORMS[0]}:<train_task stage name> "
+        f"(or {', '.join(f + ':' for f in GAN_PRIOR_FORMS[1:])}), or a model URI "
         "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model)"
     )
 

@@ -51,6 +51,9 @@ __all__ = [
 
 #: The latent search of a ``gan_prior`` method (:func:`models.gan.gan_prior_reconstruct`).
 GAN_PRIOR_SETTINGS = {"steps": 300, "lr": 0.05, "restarts": 2, "z_penalty": 1e-3, "seed": 0}
+#: What a ``gan_prior+adapt`` method adds: the image-adaptive steps after the search (the
+#: validation peak at 4x on 64² brain slices, ``benchmarks/gan_prior.py``).
+GAN_PRIOR_ADAPT_SETTINGS = {"adapt_steps": 50, "adapt_lr": 3e-4}
 
 
 def method_module(name: str) -> Any:
@@ -173,8 +176,12 @@ def resolve_methods(
                 raise StageError(f"method {ref.text!r}: train stage {ref.target!r} recorded no model")
         key, exact, identity = resolve_model_uri(uri, tracking_uri)
         if ref.kind == "gan_prior":
-            key = f"gan_prior{'_dc' if ref.data_consistency else ''}.{key}"
-            settings = {**GAN_PRIOR_SETTINGS, "data_consistency": ref.data_consistency}
+            key = f"{ref.form.replace('+', '_')}.{key}"  # gan_prior+adapt+dc -> gan_prior_adapt_dc.<key>
+            settings = {
+                **GAN_PRIOR_SETTINGS,
+                "data_consistency": ref.data_consistency,
+                **(GAN_PRIOR_ADAPT_SETTINGS if ref.adapt else {}),
+            }
             identity = identity | {"gan_prior": settings, "code": code_version("models.gan")}
         elif uncertainty is not None:
             identity = identity | {

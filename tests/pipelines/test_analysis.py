@@ -297,14 +297,20 @@ def test_a_gan_prior_reconstructs_with_the_generator_a_generate_stage_trained(ra
             {"kind": "train_task", "name": "gan", "task": "generate",
              "model": {"name": "dcgan", "kwargs": {"latent": 8, "features": 4}},
              "epochs": 2, "steps_per_epoch": 5, "batch_size": 4},
-            {"kind": "recon", "methods": ["zero_filled", "gan_prior:gan", "gan_prior+dc:gan"], "actors": 1},
+            {"kind": "recon", "methods": ["zero_filled", "gan_prior:gan", "gan_prior+dc:gan",
+                                          "gan_prior+adapt+dc:gan"], "actors": 1},
             {"kind": "evaluate"},
         ],
     )  # fmt: skip
     result = run_pipeline(spec, Console(quiet=True))
     assert result.outputs["gan"]["model_uri"] == "models:/a-gan/1"
     keys = result.outputs["recon"]["methods"]
-    assert keys == ["zero_filled", "gan_prior.a-gan.v1", "gan_prior_dc.a-gan.v1"]
+    assert keys == [
+        "zero_filled",
+        "gan_prior.a-gan.v1",
+        "gan_prior_dc.a-gan.v1",
+        "gan_prior_adapt_dc.a-gan.v1",
+    ]
     archive = Archive(str(tmp_path / "archive"))
     scan = archive.scans("test")[0]
     for key in keys[1:]:

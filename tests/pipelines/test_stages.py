@@ -195,3 +195,21 @@ def test_solver_options_must_name_classical_methods_of_the_stage():
         ReconStage(kind="recon", methods=["cs_tv"], options={"cs_tv": {"max_iter": 0}})
     with pytest.raises(ValidationError, match="unknown method 'magic'"):
         ReconStage(kind="recon", methods=["magic"])
+
+
+def test_each_gan_prior_form_has_its_own_key_and_identity():
+    uri = "runs:/0123456789abcdef/model"  # resolves without a registry
+    forms = ["gan_prior:gan", "gan_prior+dc:gan", "gan_prior+adapt:gan", "gan_prior+adapt+dc:gan"]
+    resolved = resolve_methods(
+        [parse_method(m) for m in forms], {}, "sqlite:///unused.db", trained={"gan": uri}
+    )
+    assert [m.key for m in resolved] == [
+        "gan_prior.run.0123456789ab",
+        "gan_prior_dc.run.0123456789ab",
+        "gan_prior_adapt.run.0123456789ab",
+        "gan_prior_adapt_dc.run.0123456789ab",
+    ]
+    settings = [m.identity["gan_prior"] for m in resolved]
+    assert [s["data_consistency"] for s in settings] == [False, True, False, True]
+    assert [s.get("adapt_steps", 0) > 0 for s in settings] == [False, False, True, True]
+    assert len({m.fingerprint("fp-data", "code") for m in resolved}) == 4
