@@ -197,7 +197,28 @@ def build_resnet(
     )
 
 
-class UNetClassifier(nn.Module):
+class _Transferred(nn.Module):
+    """A classifier built on a part transferred from a segmentation (:meth:`transferred`), which
+    ``freeze`` keeps fixed: no gradients, and its normalisation in eval mode while training."""
+
+    freeze: bool = False
+
+    def transferred(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _set_freeze(self, freeze: bool) -> None:
+        self.freeze = freeze
+        if freeze:
+            self.transferred().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _Transferred:
+        super().train(mode)
+        if self.freeze:
+            self.transferred().eval()
+        return self
+
+
+class UNetClassifier(_Transferred):
     """The encoder of :func:`build_unet` (3D) and a linear head on its pooled features: one logit a volume.
 
     ``freeze`` keeps the encoder's weights fixed (they come from a segmentation model, see
@@ -220,15 +241,10 @@ class UNetClassifier(nn.Module):
         self.encoder = nn.ModuleList([m for _, m in layers])
         width = sum(int(c) for c in channels)  # every level's features, pooled
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, 1))
-        self.freeze = freeze
-        if freeze:
-            self.encoder.requires_grad_(False)
+        self._set_freeze(freeze)
 
-    def train(self, mode: bool = True) -> UNetClassifier:
-        super().train(mode)
-        if self.freeze:
-            self.encoder.eval()
-        return self
+    def transferred(self) -> nn.Module:
+        return self.encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = []
@@ -238,7 +254,7 @@ class UNetClassifier(nn.Module):
         return self.head(torch.cat(pooled, dim=1)).reshape(-1)
 
 
-class SegmentationClassifier(nn.Module):
+class SegmentationClassifier(_Transferred):
     """A segmentation ``unet3d`` as a per-volume detector of class ``target_channel``.
 
     The evidence of a volume is the largest log-odds of the target class over its voxels,
@@ -277,15 +293,10 @@ class SegmentationClassifier(nn.Module):
         self.roi = tuple(int(r) for r in roi) if roi is not None else None
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.tensor(0.0))
-        self.freeze = freeze
-        if freeze:
-            self.unet.requires_grad_(False)
+        self._set_freeze(freeze)
 
-    def train(self, mode: bool = True) -> SegmentationClassifier:
-        super().train(mode)
-        if self.freeze:
-            self.unet.eval()
-        return self
+    def transferred(self) -> nn.Module:
+        return self.unet
 
     def log_odds(self, x: torch.Tensor) -> torch.Tensor:
         """Per-voxel log-odds of the target class ``(B, D, H, W)``."""
