@@ -16,6 +16,7 @@ import numpy as np
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import fan_out, summarise
+from pipelines.methods import stage_model_uri
 from pipelines.scores import auc, roc
 from pipelines.spec import ClassifyStage
 from pipelines.store import SOURCE, Archive
@@ -69,7 +70,10 @@ def run(ctx: StageContext, stage: ClassifyStage, fingerprint: str) -> StageResul
     """Classify the split's scans with every model; log AUC, accuracy and the ROC figure."""
     from rich.table import Table
 
-    models = {name: ctx.model_uri(name, f"classify stage {stage.name!r}") for name in stage.models}
+    models = {
+        name: stage_model_uri(ctx.upstream, ctx.tracking_uri, name, f"classify stage {stage.name!r}")
+        for name in stage.models
+    }
     has = set(ctx.archive.committed(SOURCE))
     ids = [s for s in ctx.archive.scans(stage.split) if s in has and ctx.archive.has_array(s, "labels")]
     if not ids:

@@ -42,27 +42,6 @@ class StageContext:
     data_fingerprint: str = ""
     identity: str = ""
 
-    def model_uri(self, ref: str, who: str) -> str:
-        """The exact model a stage names: a registry URI (``models:/NAME/VERSION`` or ``@ALIAS``)
-        resolved to its version, or the model an earlier train stage of this pipeline registered.
-
-        Args:
-            ref: the URI, or the name of an earlier ``train``/``train_task`` stage.
-            who: the stage, for messages (``"segment stage 'seg'"``).
-
-        Raises:
-            StageError: the URI does not resolve; the message starts with ``who``.
-        """
-        if not ref.startswith("models:/"):
-            return str(self.upstream[ref]["model_uri"])
-        from pipelines.errors import StageError, TrackingError
-        from pipelines.methods import resolve_model_uri
-
-        try:
-            return resolve_model_uri(ref, self.tracking_uri)[1]
-        except TrackingError as exc:
-            raise StageError(f"{who}: {exc}") from None
-
 
 @dataclass(frozen=True)
 class StageResult:

@@ -33,7 +33,15 @@ from typing import Any, Literal
 
 from operators.recon import METHODS
 
-__all__ = ["MethodRef", "ResolvedMethod", "parse_method", "resolve_model_uri", "load_model_uri", "classical"]
+__all__ = [
+    "stage_model_uri",
+    "MethodRef",
+    "ResolvedMethod",
+    "parse_method",
+    "resolve_model_uri",
+    "load_model_uri",
+    "classical",
+]
 
 _MODEL_URI = re.compile(
     r"^models:/(?P<name>[A-Za-z0-9._-]+)(/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))$"
@@ -200,3 +208,25 @@ def load_model_uri(model_uri: str, tracking_uri: str, device: str = "cpu") -> tu
             with open(facts) as f:
                 spec["task"] = json.load(f)
         return module, spec
+
+
+def stage_model_uri(upstream: dict[str, dict[str, Any]], tracking_uri: str, ref: str, who: str) -> str:
+    """The exact model a stage names: a registry URI (``models:/NAME/VERSION`` or ``@ALIAS``)
+    resolved to its version, or the model an earlier train stage of the pipeline registered
+    (``upstream``: the outputs of the stages before, by name).
+
+    It lives here, not on the stage context, so that stages which load no model do not count
+    this module (and every model it reaches) in their code version.
+
+    Raises:
+        StageError: the URI does not resolve; the message starts with ``who``
+            (``"segment stage 'seg'"``).
+    """
+    if not ref.startswith("models:/"):
+        return str(upstream[ref]["model_uri"])
+    from pipelines.errors import StageError, TrackingError
+
+    try:
+        return resolve_model_uri(ref, tracking_uri)[1]
+    except TrackingError as exc:
+        raise StageError(f"{who}: {exc}") from None

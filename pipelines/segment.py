@@ -25,6 +25,7 @@ from operators.transforms import on_grid
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
 from pipelines.fanout import fan_out, summarise
+from pipelines.methods import stage_model_uri
 from pipelines.scores import dice_per_class, hd95_per_class, nanmean
 from pipelines.spec import SegmentStage
 from pipelines.store import SOURCE, Archive
@@ -188,7 +189,7 @@ def print_table(console: Any, title: str, summary: dict[str, dict[str, float]], 
 
 def run(ctx: StageContext, stage: SegmentStage, fingerprint: str) -> StageResult:
     """Segment the split's scans, score them, and log the table and figures."""
-    model_uri = ctx.model_uri(stage.model, f"segment stage {stage.name!r}")
+    model_uri = stage_model_uri(ctx.upstream, ctx.tracking_uri, stage.model, f"segment stage {stage.name!r}")
     position = next(i for i, s in enumerate(ctx.spec.stages) if s.name == stage.name)
     recon_keys = [
         k

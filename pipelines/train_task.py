@@ -37,6 +37,7 @@ from models.optim import make_optimizer, make_schedule
 from models.registry import build_model, save_model
 from pipelines.context import StageContext, StageResult
 from pipelines.errors import StageError
+from pipelines.methods import stage_model_uri
 from pipelines.scores import auc, dice_per_class, nanmean
 from pipelines.spec import Spec, TaskTrainStage, VolumeAugment
 from pipelines.store import SOURCE, Archive
@@ -458,7 +459,9 @@ def _train_generator(job: TaskJob, progress: Any) -> None:
 def _resolve_encoder(ctx: StageContext, stage: TaskTrainStage) -> str | None:
     if stage.init_encoder is None:
         return None
-    return ctx.model_uri(stage.init_encoder, f"train_task stage {stage.name!r}")
+    return stage_model_uri(
+        ctx.upstream, ctx.tracking_uri, stage.init_encoder, f"train_task stage {stage.name!r}"
+    )
 
 
 def _segmentation_facts(ctx: StageContext, stage: TaskTrainStage) -> dict[str, Any]:
