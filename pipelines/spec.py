@@ -1133,6 +1133,7 @@ class PipelineSpec(Spec):
         modality = self.modality
         earlier_train: set[str] = set()
         tasks: dict[str, str] = {}  # train_task stage name -> its task
+        task_inputs: dict[str, str] = {}  # train_task stage name -> its input
         recon_before = False
         for stage in self.stages:
             if stage.kind == "train":
@@ -1177,7 +1178,15 @@ class PipelineSpec(Spec):
                             f"segmentation train_task stage before it; those before it: "
                             f"{sorted(n for n, t in tasks.items() if t == 'segment') or 'none'}"
                         )
+                    seen = task_inputs[stage.init_encoder]
+                    if stage.model.name == "seg_classifier" and stage.input != seen:
+                        raise ValueError(
+                            f"train_task stage {stage.name!r}: a seg_classifier reads its segmentation "
+                            f"{stage.init_encoder!r} whole, which was trained on input {seen!r}; found "
+                            f"input {stage.input!r}. Set input: {seen}"
+                        )
                 tasks[stage.name] = stage.task
+                task_inputs[stage.name] = stage.input
             elif stage.kind in ("segment", "classify"):
                 task = "segment" if stage.kind == "segment" else "classify"
                 for model in [stage.model] if stage.kind == "segment" else stage.models:

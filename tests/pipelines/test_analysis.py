@@ -104,6 +104,19 @@ def test_freeze_needs_an_encoder_and_an_encoder_needs_a_segmentation_stage(tmp_p
         _pipeline(tmp_path, [PHANTOMS, CLF])
 
 
+def test_a_detector_reads_the_input_its_segmentation_was_trained_on(tmp_path):
+    simulate = {"kind": "simulate", "modality": "mri", "mask": {"kind": "random_1d", "acceleration": 4}}
+    recon = {"kind": "recon", "methods": ["zero_filled"], "split": "all"}
+    seg = {**SEG, "input": "recon/zero_filled"}
+    detector = {**CLF, "model": {"name": "seg_classifier"}}
+    with pytest.raises(ValidationError, match="trained on input 'recon/zero_filled'; found input 'image'"):
+        _pipeline(tmp_path, [PHANTOMS, simulate, recon, seg, detector])
+    spec = _pipeline(tmp_path, [PHANTOMS, simulate, recon, seg, {**detector, "input": "recon/zero_filled"}])
+    assert spec.stages[-1].input == "recon/zero_filled"
+    # an encoder alone may move to another input (transfer learning): only the whole detector may not
+    _pipeline(tmp_path, [PHANTOMS, simulate, recon, seg, CLF])
+
+
 def test_segment_and_classify_stages_name_a_model_of_their_task(tmp_path):
     with pytest.raises(ValidationError, match="'clf' names no train_task stage with task segment"):
         _pipeline(tmp_path, [PHANTOMS, SEG, CLF, {"kind": "segment", "model": "clf"}])
