@@ -36,6 +36,7 @@ __all__ = [
     "GENERATIVE_MODELS",
     "MODELS",
     "RECON_MODALITIES",
+    "recon_models_for",
     "ANALYSIS_MODELS",
     "SEGMENTATION_MODELS",
     "build_model",
@@ -105,6 +106,13 @@ GENERATIVE_MODELS = frozenset({"dcgan"})
 #: SRCNN up-samples low-resolution images (an ``operators.resolution.Downsample``), VarNet needs
 #: Cartesian k-space.
 RECON_MODALITIES: dict[str, tuple[str, ...]] = {"srcnn": ("lowres",), "varnet": ("mri",)}
+
+
+def recon_models_for(modality: str) -> list[str]:
+    """The reconstruction networks (not the analysis ones) that apply to ``modality``."""
+    recon = (n for n in MODELS if n not in ANALYSIS_MODELS)
+    return sorted(n for n in recon if modality in RECON_MODALITIES.get(n, (modality,)))
+
 
 #: Registry name -> the module that defines the network (its code is what training depends on).
 _MODULES: dict[str, str] = {

@@ -123,6 +123,22 @@ class _SliceMaps:
         return torch.from_numpy(np.ascontiguousarray(self.reader.read(z0, z1)))  # (S, C, H, W)
 
 
+def _measurements(archive: Archive, scan_id: str, commit: dict[str, Any]) -> tuple[str, str]:
+    """``(modality, array name)`` of a scan's measurements: the array its commit record names (an
+    archive re-simulated with another modality may still hold the old array beside it), else
+    whichever exists."""
+    records = commit.get("arrays", {})
+    found = [(m, n) for m, n in MEASUREMENT_ARRAYS.items() if n in records] or [
+        (m, n) for m, n in MEASUREMENT_ARRAYS.items() if archive.has_array(scan_id, n)
+    ]
+    if not found:
+        raise ArchiveError(
+            f"scan {scan_id!r} has no measurements ({', '.join(MEASUREMENT_ARRAYS.values())}); "
+            "run the simulate stage first"
+        )
+    return found[0]
+
+
 @dataclass(frozen=True, eq=False)
 class Acquisition:
     """How one scan was measured.
@@ -186,6 +202,15 @@ class Acquisition:
         mask = torch.from_numpy(np.broadcast_to(cols, (h, w)).copy())
         return cls("mri", mri_operator(mask), (h, w), coils, mask, None, sampled_columns(mask))
 
+    @staticmethod
+    def modality_of(archive: Archive, scan_id: str) -> str:
+        """A scan's modality (``mri``, ``ct`` or ``lowres``), from its measurements' name alone.
+
+        Raises:
+            ArchiveError: the scan has no measurements.
+        """
+        return _measurements(archive, scan_id, archive.commit_record(MEASUREMENTS, scan_id) or {})[0]
+
     @classmethod
     def from_archive(cls, archive: Archive, scan_id: str) -> Acquisition:
         """Rebuild a scan's acquisition from its measurement array's attributes, mask and coil maps.
@@ -195,17 +220,7 @@ class Acquisition:
         """
         commit = archive.commit_record(MEASUREMENTS, scan_id) or {}
         records = commit.get("arrays", {})
-        # The committed measurement array, when there is a record (an archive re-simulated with another
-        # modality may still hold the old array beside it); else whichever exists.
-        found = [(m, n) for m, n in MEASUREMENT_ARRAYS.items() if n in records] or [
-            (m, n) for m, n in MEASUREMENT_ARRAYS.items() if archive.has_array(scan_id, n)
-        ]
-        if not found:
-            raise ArchiveError(
-                f"scan {scan_id!r} has no measurements ({', '.join(MEASUREMENT_ARRAYS.values())}); "
-                "run the simulate stage first"
-            )
-        modality, name = found[0]
+        modality, name = _measurements(archive, scan_id, commit)
         arr = archive.open_array(scan_id, name)
         attrs = arr.attrs.asdict()
         where = f"scans/{scan_id}/{name}"

@@ -1104,18 +1104,16 @@ class PipelineSpec(Spec):
 
     def _check_train_model(self, stage: TrainStage, modality: str | None) -> None:
         """A train stage's network must apply to the simulated modality (and an up-sampler to its factor)."""
-        from models.registry import ANALYSIS_MODELS, MODELS, RECON_MODALITIES, build_model
+        from models.registry import RECON_MODALITIES, build_model, recon_models_for
 
         if modality is None:  # ingested measurements: the operator is only known per scan
             return
         serves = RECON_MODALITIES.get(stage.model.name, MODALITIES)
         if modality not in serves:
-            recon_models = [n for n in MODELS if n not in ANALYSIS_MODELS]
-            fits = sorted(n for n in recon_models if modality in RECON_MODALITIES.get(n, MODALITIES))
             raise ValueError(
                 f"train stage {stage.name!r}: model {stage.model.name!r} reconstructs modality "
                 f"{' or '.join(repr(m) for m in serves)}; this pipeline simulates {modality!r}. Train one of "
-                f"{fits}, or simulate modality: {serves[0]}"
+                f"{recon_models_for(modality)}, or simulate modality: {serves[0]}"
             )
         if modality == "lowres":
             config = getattr(build_model(stage.model.name, stage.model.kwargs), "config", None)

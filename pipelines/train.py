@@ -36,8 +36,8 @@ import torch
 from models.inference import reconstruct_slices
 from models.losses import make_loss
 from models.optim import make_optimizer, make_schedule
+from models.registry import RECON_MODALITIES, WEIGHTS_FILE, build_model, recon_models_for, save_model
 from models.registry import SPEC_FILE as MODEL_SPEC_FILE
-from models.registry import WEIGHTS_FILE, build_model, save_model
 from operators.linear import LinearOperator
 from operators.metrics import psnr
 from operators.transforms import on_grid
@@ -604,6 +604,25 @@ def fit_and_register(
     return model_uri, state, dict(fit_result.metrics or {})
 
 
+def _check_modality(archive: Archive, stage: TrainStage, scan_ids: list[str]) -> None:
+    """A network made for some modalities only (``RECON_MODALITIES``) must find them in every scan.
+
+    The spec checks it against a simulate stage's modality; ingested measurements are known only
+    here. Without this, a wrong network fails inside Ray Train with a shape error.
+    """
+    serves = RECON_MODALITIES.get(stage.model.name)
+    if serves is None:
+        return
+    for sid in scan_ids:
+        modality = Acquisition.modality_of(archive, sid)
+        if modality not in serves:
+            raise StageError(
+                f"train stage {stage.name!r}: model {stage.model.name!r} reconstructs modality "
+                f"{' or '.join(repr(m) for m in serves)}; scan {sid!r} holds {modality!r} measurements. "
+                f"Train one of {recon_models_for(modality)}"
+            )
+
+
 def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
     """Fit with Ray Train, register the model in MLflow, and return its ``models:/`` URI."""
     committed = ctx.archive.committed(MEASUREMENTS)
@@ -620,6 +639,7 @@ def run(ctx: StageContext, stage: TrainStage, fingerprint: str) -> StageResult:
             "stage must run first"
         )
         raise StageError(f"train stage {stage.name!r}: no training scans with committed measurements; {why}")
+    _check_modality(ctx.archive, stage, train_ids + val_ids)
     # (The runner checked every train stage's CPUs and GPUs against the cluster before any stage.)
     init_uri = _resolve_init(ctx, stage)
     job = TrainJob(

@@ -158,3 +158,29 @@ def test_a_low_resolution_batch_is_measured_anew_with_each_scans_noise(tmp_path)
     assert float((y - op.forward(target)).std()) == pytest.approx(sigma, rel=0.1)
     again = fresh_batch(data, list(range(16)), None, np.random.default_rng(0), Augmenter(Augment()))
     torch.testing.assert_close(again[0], y)  # seeded
+
+
+def test_a_network_for_one_modality_refuses_an_archive_of_another_before_training(tmp_path):
+    """The spec cannot check ingested measurements against the network: the train stage does, per scan."""
+    from models.registry import recon_models_for
+    from pipelines.errors import StageError
+    from pipelines.spec import TrainStage
+    from pipelines.train import _check_modality
+    from tests.pipelines.helpers import phantom_archive, simulate
+
+    archive = phantom_archive(tmp_path / "a", n=2, shape=(4, 32, 32))
+    lowres = SimulateStage(kind="simulate", modality="lowres", lowres={"factor": 2})
+    assert simulate(archive, "s0", lowres).status == "done"
+    assert simulate(archive, "s1", SimulateStage(kind="simulate", modality="mri")).status == "done"
+
+    def stage(name: str) -> TrainStage:
+        return TrainStage.model_validate({"kind": "train", "model": {"name": name}})
+
+    _check_modality(archive, stage("unrolled_gd"), ["s0", "s1"])  # takes any operator
+    _check_modality(archive, stage("srcnn"), ["s0"])
+    with pytest.raises(StageError, match=r"'srcnn' reconstructs modality 'lowres'; scan 's1' holds 'mri'"):
+        _check_modality(archive, stage("srcnn"), ["s0", "s1"])
+    with pytest.raises(StageError, match="scan 's0' holds 'lowres' measurements. Train one of") as err:
+        _check_modality(archive, stage("varnet"), ["s0", "s1"])
+    assert "'srcnn'" in str(err.value) and "'varnet'" not in str(err.value).split("Train one of")[1]
+    assert "srcnn" not in recon_models_for("mri") and "varnet" in recon_models_for("mri")
