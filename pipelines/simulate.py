@@ -92,17 +92,15 @@ def check_finite(image: Any, slab: int) -> float:
     return read_checked(image, slab, cache_bytes=0)[0]
 
 
-def _noise(shape: tuple[int, ...], sigma: float, seed: int) -> torch.Tensor:
-    """Complex Gaussian noise with standard deviation ``sigma`` per complex sample (``σ/√2`` per part)."""
+def _noise(shape: tuple[int, ...], sigma: float, seed: int, real: bool = False) -> torch.Tensor:
+    """Gaussian noise with standard deviation ``sigma`` per sample: complex (``σ/√2`` per part), or
+    real with ``real``."""
     g = torch.Generator().manual_seed(seed)
     re = torch.randn(shape, generator=g)
+    if real:
+        return re * sigma
     im = torch.randn(shape, generator=g)
     return torch.complex(re, im) * (sigma / np.sqrt(2.0))
-
-
-def _generator(seed: int, scan_id: str, z: int) -> torch.Generator:
-    """The generator of slice ``z``'s noise (real low-resolution noise)."""
-    return torch.Generator().manual_seed(scan_seed(seed, scan_id, f"noise/{z}"))
 
 
 def acquisition_for(stage: SimulateStage, scan_id: str, seed: int, shape: tuple[int, int]) -> Acquisition:
@@ -154,11 +152,11 @@ def simulate_volume(
         elif acq.modality == "lowres" and sigma > 0:
             noise = torch.stack(
                 [
-                    torch.randn(acq.op.out_shape, generator=_generator(seed, scan_id, z0 + i))
+                    _noise(acq.op.out_shape, sigma, scan_seed(seed, scan_id, f"noise/{z0 + i}"), real=True)
                     for i in range(x.shape[0])
                 ]
             )  # (s, H/f, W/f)
-            y = y + sigma * noise
+            y = y + noise
         elif acq.modality == "ct" and acq.ct is not None and acq.ct.i0 is not None:
             # Photons see the physical line integral μ·(A x); the stored sinogram stays in image
             # units (divided back by μ), so y = A x + noise and FBP returns the image scale.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.errors import StageError
+from pipelines.errors import ArchiveError, StageError
 from pipelines.store import Archive
 
 __all__ = ["read_input", "label_names", "class_map", "read_classes", "scan_target", "input_channels"]
@@ -36,9 +36,13 @@ def read_input(archive: Archive, scan_id: str, source: str) -> np.ndarray:
         StageError: the scan has no such array (naming the scan and what it has).
     """
     if source == "measurements":
-        if archive.has_array(scan_id, "kspace"):
-            from pipelines.physics import Acquisition
+        from pipelines.physics import MEASUREMENT_ARRAYS, Acquisition
 
+        try:
+            modality = Acquisition.modality_of(archive, scan_id)  # the committed array, as reads see it
+        except ArchiveError as exc:
+            raise StageError(str(exc)) from None
+        if modality == "mri":
             k = Acquisition.from_archive(archive, scan_id).read(archive, scan_id).numpy()  # on the full grid
             k = k[:, None] if k.ndim == 3 else k  # (D, C, H, W) complex, zeros where not sampled
             mag = np.abs(k)
@@ -46,12 +50,7 @@ def read_input(archive: Archive, scan_id: str, source: str) -> np.ndarray:
             s = float(sampled.mean()) if sampled.size else 1.0
             channels = [np.log1p(mag / s), np.angle(k) / np.pi]  # each (D, C, H, W)
             return np.concatenate([c.transpose(1, 0, 2, 3) for c in channels]).astype(np.float32)
-        for name in ("sinogram", "lowres"):  # real measurements: one channel
-            if archive.has_array(scan_id, name):
-                return _scale(archive.read_array(scan_id, name))[None]
-        raise StageError(
-            f"scan {scan_id!r} has no measurements (kspace, sinogram or lowres): run a simulate stage"
-        )
+        return _scale(archive.read_array(scan_id, MEASUREMENT_ARRAYS[modality]))[None]  # real: one channel
     name = archive.reference_name(scan_id) if source == "image" else source
     if not archive.has_array(scan_id, name):
         raise StageError(f"scan {scan_id!r} has no array {name!r}; expected it from an earlier stage")
@@ -65,8 +64,10 @@ def input_channels(archive: Archive, scan_id: str, source: str) -> int:
     """The number of channels :func:`read_input` gives for ``source`` (without reading the data)."""
     if source != "measurements":
         return 1
-    if archive.has_array(scan_id, "kspace"):
-        return 2 * int(archive.open_array(scan_id, "kspace").shape[1])
+    from pipelines.physics import Acquisition
+
+    if Acquisition.modality_of(archive, scan_id) == "mri":
+        return 2 * int(archive.open_array(scan_id, "kspace").shape[1])  # magnitude and phase per coil
     return 1
 
 
@@ -126,5 +127,3 @@ def scan_target(archive: Archive, scan_id: str, target: str) -> int:
             f"scan {scan_id!r}: its labels have no class {target!r}; they name {names or 'none'}"
         )
     return int(bool((archive.read_array(scan_id, "labels") == names.index(target)).any()))
-
-

@@ -91,26 +91,36 @@ def test_a_tiny_unet3d_learns_to_segment_with_a_dice_loss():
     assert after > 0.8 and after > before + 0.3, (before, after)
 
 
-def test_a_tiny_classifier_learns_which_volumes_hold_a_bright_cube():
-    rng = np.random.default_rng(0)
-    x = 0.1 * rng.standard_normal((16, 1, 32, 32, 32)).astype(np.float32)
-    labels = np.arange(16) % 2
+def _cubes(n: int, size: int, cube: int, margin: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` noisy volumes ``size³``, every second one holding a bright ``cube³`` at least about
+    ``margin`` voxels from the border; and their 0/1 labels."""
+    rng = np.random.default_rng(seed)
+    x = 0.1 * rng.standard_normal((n, 1, size, size, size)).astype(np.float32)
+    labels = np.arange(n) % 2
     for i in np.flatnonzero(labels):
-        a = rng.integers(2, 24, 3)
-        x[i, 0, a[0] : a[0] + 6, a[1] : a[1] + 6, a[2] : a[2] + 6] += 1.0
-    torch.manual_seed(0)
-    net = build_model("unet_classifier", {"channels": TINY})
+        a = rng.integers(margin, size - cube - margin, 3)
+        x[i, 0, a[0] : a[0] + cube, a[1] : a[1] + cube, a[2] : a[2] + cube] += 1.0
+    return torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
+
+
+def _learns_the_cubes(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """``steps`` of Adam halve the BCE loss and classify every volume right."""
     opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    first = float(loss_fn(net(xt), yt))
-    for _ in range(30):
+    first = float(loss_fn(net(x), labels))
+    for _ in range(steps):
         opt.zero_grad()
-        loss = loss_fn(net(xt), yt)
+        loss = loss_fn(net(x), labels)
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
-    assert ((net(xt) > 0).numpy() == labels.astype(bool)).mean() == 1.0
+    assert ((net(x) > 0) == labels.bool()).all()
+
+
+def test_a_tiny_classifier_learns_which_volumes_hold_a_bright_cube():
+    x, labels = _cubes(16, 32, 6, margin=2, seed=0)
+    torch.manual_seed(0)
+    _learns_the_cubes(build_model("unet_classifier", {"channels": TINY}), x, labels, steps=30)
 
 
 def test_freeze_trains_only_the_head_of_a_transferred_encoder():
@@ -164,25 +174,9 @@ def test_a_frozen_seg_classifier_trains_only_its_calibration_and_finetuning_trai
 
 
 def test_a_tiny_seg_classifier_learns_which_volumes_hold_a_bright_cube():
-    rng = np.random.default_rng(1)
-    x = 0.1 * rng.standard_normal((12, 1, 16, 16, 16)).astype(np.float32)
-    labels = np.arange(12) % 2
-    for i in np.flatnonzero(labels):
-        a = rng.integers(1, 11, 3)
-        x[i, 0, a[0] : a[0] + 4, a[1] : a[1] + 4, a[2] : a[2] + 4] += 1.0
+    x, labels = _cubes(12, 16, 4, margin=1, seed=1)
     torch.manual_seed(0)
-    net = SegmentationClassifier(channels=TINY)
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(labels.astype(np.float32))
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    first = float(loss_fn(net(xt), yt))
-    for _ in range(40):
-        opt.zero_grad()
-        loss = loss_fn(net(xt), yt)
-        loss.backward()
-        opt.step()
-    assert float(loss) < 0.5 * first
-    assert ((net(xt) > 0).numpy() == labels.astype(bool)).mean() == 1.0
+    _learns_the_cubes(SegmentationClassifier(channels=TINY), x, labels, steps=40)
 
 
 def test_an_encoder_of_another_shape_is_refused_with_the_reason():

@@ -20,6 +20,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 QUICKSTART = Path(__file__).resolve().parents[2] / "pipelines" / "specs" / "quickstart.yaml"
 
 
+def _shipped(name: str, root: Path, experiment: str, phantoms: dict) -> tuple[dict, dict[str, dict]]:
+    """A spec of ``pipelines/specs`` as raw YAML, its archive and tracking moved under ``root``
+    and its phantoms stage updated with ``phantoms``; also its stages by kind, to shrink them."""
+    raw = yaml.safe_load((QUICKSTART.parent / name).read_text())
+    raw["archive"] = {"path": str(root / "archive")}
+    raw["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": experiment}
+    stages = {s["kind"]: s for s in raw["stages"]}
+    stages["phantoms"].update(phantoms)
+    return raw, stages
+
+
 def tiny_spec(root: Path, **changes) -> PipelineSpec:
     raw = yaml.safe_load(QUICKSTART.read_text())
     raw["name"] = "tiny"
@@ -170,11 +181,8 @@ def test_ct_pipeline_without_training_through_the_cli(ray_session, tmp_path):
     import subprocess
     import sys
 
-    raw = yaml.safe_load((QUICKSTART.parent / "ct_sparse_view.yaml").read_text())
-    raw["archive"] = {"path": str(tmp_path / "archive")}
-    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ct"}
-    stages = {s["kind"]: s for s in raw["stages"]}
-    stages["phantoms"].update(n_scans=3, shape=[8, 48, 48], split={"train": 1, "val": 1, "test": 1})
+    tiny = {"n_scans": 3, "shape": [8, 48, 48], "split": {"train": 1, "val": 1, "test": 1}}
+    raw, stages = _shipped("ct_sparse_view.yaml", tmp_path, "ct", tiny)
     stages["recon"]["options"]["cs_tv"].update(max_iter=40, tol=0.0)  # tol 0: stops at the cap
     path = tmp_path / "ct.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -217,11 +225,8 @@ def test_reprocess_reuses_what_the_pipeline_wrote_and_adds_only_the_new(first_ru
 
 def test_superres_pipeline_trains_srcnn_on_low_resolution_measurements(ray_session, tmp_path):
     """The shipped super-resolution spec, shrunk: SRCNN is a recon method beside the up-samplers."""
-    raw = yaml.safe_load((QUICKSTART.parent / "superres.yaml").read_text())
-    raw["archive"] = {"path": str(tmp_path / "archive")}
-    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "superres"}
-    stages = {s["kind"]: s for s in raw["stages"]}
-    stages["phantoms"].update(n_scans=3, shape=[8, 32, 32], split={"train": 1, "val": 1, "test": 1})
+    tiny = {"n_scans": 3, "shape": [8, 32, 32], "split": {"train": 1, "val": 1, "test": 1}}
+    raw, stages = _shipped("superres.yaml", tmp_path, "superres", tiny)
     stages["train"].update(
         epochs=2,
         batch_size=4,
